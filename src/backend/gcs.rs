@@ -1,0 +1,618 @@
+//! The Google Cloud Storage backend, on the JSON API.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use http::{HeaderMap, StatusCode};
+use serde::Deserialize;
+
+use super::{Backend, BackendError, BoxFuture, Metadata, ObjectState, Reply, Version};
+
+/// The production endpoint of the GCS JSON API.
+pub const GCS_ENDPOINT: &str = "https://storage.googleapis.com";
+/// The OAuth scope the backend asks for.
+pub const SCOPE: &str = "https://www.googleapis.com/auth/devstorage.read_write";
+
+const BOUNDARY: &str = "dimutex-7a1c3f0e9b2d4c86";
+
+/// Lock objects on Google Cloud Storage, through the JSON API.
+///
+/// Credentials are Application Default Credentials (scope `devstorage.read_write`; the
+/// account needs `storage.objects.create`, `get`, `update` and `delete` on the bucket). With
+/// `STORAGE_EMULATOR_HOST` set (`host:port` means `http://host:port`; a value with `://` is a
+/// base URL), requests go to that emulator without credentials, as Google's own clients do.
+/// An endpoint set with [`GcsBackendBuilder::endpoint`] wins over the variable.
+///
+/// ```no_run
+/// # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// use dimutex::{Client, backend::GcsBackend};
+/// let backend = GcsBackend::builder("my-locks-bucket").build().await?;
+/// let client = Client::new(backend);
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct GcsBackend {
+    http: reqwest::Client,
+    endpoint: Arc<str>,
+    bucket: Arc<str>,
+    auth: Option<Arc<dyn gcp_auth::TokenProvider>>,
+}
+
+impl fmt::Debug for GcsBackend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("GcsBackend")
+            .field("endpoint", &self.endpoint)
+            .field("bucket", &self.bucket)
+            .field(
+                "auth",
+                &if self.auth.is_some() {
+                    "application default credentials"
+                } else {
+                    "none"
+                },
+            )
+            .finish()
+    }
+}
+
+/// How the backend authenticates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Auth {
+    /// ADC for the production endpoint, none for an emulator.
+    Auto,
+    /// Always Application Default Credentials.
+    Adc,
+    /// Never send credentials.
+    Anonymous,
+}
+
+/// Configures a [`GcsBackend`].
+///
+/// ```no_run
+/// # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let backend = dimutex::backend::GcsBackend::builder("locks")
+///     .endpoint("http://127.0.0.1:4443")
+///     .build()
+///     .await?;
+/// # Ok(()) }
+/// ```
+#[derive(Debug)]
+#[must_use]
+pub struct GcsBackendBuilder {
+    bucket: String,
+    endpoint: Option<String>,
+    auth: Auth,
+    http: Option<reqwest::Client>,
+}
+
+/// Why a [`GcsBackend`] could not be built.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum GcsConfigError {
+    /// The bucket name is not a valid GCS bucket name.
+    #[error("invalid bucket name {0:?}")]
+    InvalidBucket(String),
+    /// The endpoint is not a usable base URL.
+    #[error("invalid endpoint {0:?}: expected http(s)://host[:port] or host:port")]
+    InvalidEndpoint(String),
+    /// No Application Default Credentials were found.
+    #[error("no Google credentials found: {0}")]
+    Credentials(#[source] gcp_auth::Error),
+    /// The HTTP client could not be built.
+    #[error("http client: {0}")]
+    Http(#[source] reqwest::Error),
+}
+
+impl GcsBackend {
+    /// A builder for a backend on `bucket`.
+    ///
+    /// ```
+    /// let builder = dimutex::backend::GcsBackend::builder("my-bucket");
+    /// ```
+    pub fn builder(bucket: impl Into<String>) -> GcsBackendBuilder {
+        GcsBackendBuilder {
+            bucket: bucket.into(),
+            endpoint: None,
+            auth: Auth::Auto,
+            http: None,
+        }
+    }
+
+    /// The base URL requests go to.
+    ///
+    /// ```no_run
+    /// # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let b = dimutex::backend::GcsBackend::builder("b").endpoint("localhost:4443").build().await?;
+    /// assert_eq!(b.endpoint(), "http://localhost:4443");
+    /// # Ok(()) }
+    /// ```
+    pub fn endpoint(&self) -> &str {
+        &self.endpoint
+    }
+
+    /// The bucket.
+    ///
+    /// ```no_run
+    /// # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let b = dimutex::backend::GcsBackend::builder("b").endpoint("localhost:4443").build().await?;
+    /// assert_eq!(b.bucket(), "b");
+    /// # Ok(()) }
+    /// ```
+    pub fn bucket(&self) -> &str {
+        &self.bucket
+    }
+
+    fn object_url(&self, name: &str) -> String {
+        format!(
+            "{}/storage/v1/b/{}/o/{}",
+            self.endpoint,
+            self.bucket,
+            encode_segment(name)
+        )
+    }
+
+    async fn send(&self, request: reqwest::RequestBuilder) -> Result<Response, BackendError> {
+        let request = match &self.auth {
+            Some(provider) => {
+                let token =
+                    provider
+                        .token(&[SCOPE])
+                        .await
+                        .map_err(|e| BackendError::Transient {
+                            status: None,
+                            retry_after: None,
+                            message: format!("could not get an access token: {e}"),
+                        })?;
+                request.bearer_auth(token.as_str())
+            }
+            None => request,
+        };
+        let response = request.send().await.map_err(transport_error)?;
+        let status = response.status();
+        let headers = response.headers().clone();
+        let body = response.bytes().await.map_err(transport_error)?;
+        Ok(Response {
+            status,
+            headers,
+            body,
+        })
+    }
+
+    async fn write(
+        &self,
+        name: &str,
+        request: reqwest::RequestBuilder,
+    ) -> Result<Reply<ObjectState>, BackendError> {
+        let r = self.send(request).await?;
+        if r.status.is_success() {
+            let state = parse_object(&r.body)?;
+            return Ok(Reply::new(state, server_time(&r.headers)));
+        }
+        Err(r.error(name))
+    }
+
+    fn upload(
+        &self,
+        name: &str,
+        metadata: &Metadata,
+        expected: Option<Version>,
+    ) -> reqwest::RequestBuilder {
+        let url = format!("{}/upload/storage/v1/b/{}/o", self.endpoint, self.bucket);
+        let (generation, metageneration) = match expected {
+            Some(v) => (v.generation(), Some(v.metageneration())),
+            None => (0, None),
+        };
+        let mut query = vec![
+            ("uploadType", "multipart".to_owned()),
+            ("ifGenerationMatch", generation.to_string()),
+        ];
+        if let Some(m) = metageneration {
+            query.push(("ifMetagenerationMatch", m.to_string()));
+        }
+        let resource = serde_json::json!({
+            "name": name,
+            "cacheControl": "no-store",
+            "contentType": "text/plain",
+            "metadata": metadata,
+        });
+        let body = format!(
+            "--{BOUNDARY}\r\nContent-Type: application/json; charset=UTF-8\r\n\r\n{resource}\r\n--{BOUNDARY}\r\nContent-Type: text/plain\r\n\r\nlock\r\n--{BOUNDARY}--\r\n"
+        );
+        self.http
+            .post(url)
+            .query(&query)
+            .header(
+                http::header::CONTENT_TYPE,
+                format!("multipart/related; boundary={BOUNDARY}"),
+            )
+            .body(body)
+    }
+}
+
+impl GcsBackendBuilder {
+    /// Sends requests to `endpoint` instead of production GCS (or `STORAGE_EMULATOR_HOST`).
+    /// `host:port` means `http://host:port`. Endpoints other than production GCS get no
+    /// credentials unless [`with_credentials`](Self::with_credentials) is called.
+    pub fn endpoint(mut self, endpoint: impl Into<String>) -> Self {
+        self.endpoint = Some(endpoint.into());
+        self
+    }
+
+    /// Sends Application Default Credentials even to a non-production endpoint.
+    pub fn with_credentials(mut self) -> Self {
+        self.auth = Auth::Adc;
+        self
+    }
+
+    /// Never sends credentials (for emulators and public test buckets).
+    pub fn anonymous(mut self) -> Self {
+        self.auth = Auth::Anonymous;
+        self
+    }
+
+    /// Uses this `reqwest` client (to share a connection pool or set proxies). The lock
+    /// client applies its own per-request timeout.
+    pub fn http_client(mut self, client: reqwest::Client) -> Self {
+        self.http = Some(client);
+        self
+    }
+
+    /// Builds the backend; looks up credentials when they will be used.
+    pub async fn build(self) -> Result<GcsBackend, GcsConfigError> {
+        if !valid_bucket(&self.bucket) {
+            return Err(GcsConfigError::InvalidBucket(self.bucket));
+        }
+        let emulator = std::env::var("STORAGE_EMULATOR_HOST")
+            .ok()
+            .filter(|v| !v.trim().is_empty());
+        let endpoint = match self.endpoint.or(emulator) {
+            Some(e) => normalize_endpoint(&e).ok_or(GcsConfigError::InvalidEndpoint(e))?,
+            None => GCS_ENDPOINT.to_owned(),
+        };
+        let use_auth = match self.auth {
+            Auth::Auto => endpoint == GCS_ENDPOINT,
+            Auth::Adc => true,
+            Auth::Anonymous => false,
+        };
+        let auth = if use_auth {
+            Some(
+                gcp_auth::provider()
+                    .await
+                    .map_err(GcsConfigError::Credentials)?,
+            )
+        } else {
+            None
+        };
+        let http = match self.http {
+            Some(http) => http,
+            None => reqwest::Client::builder()
+                .connect_timeout(Duration::from_secs(5))
+                .pool_idle_timeout(Duration::from_secs(50))
+                .build()
+                .map_err(GcsConfigError::Http)?,
+        };
+        Ok(GcsBackend {
+            http,
+            endpoint: endpoint.into(),
+            bucket: self.bucket.into(),
+            auth,
+        })
+    }
+}
+
+impl Backend for GcsBackend {
+    fn create<'a>(
+        &'a self,
+        name: &'a str,
+        metadata: &'a Metadata,
+    ) -> BoxFuture<'a, Result<Reply<ObjectState>, BackendError>> {
+        Box::pin(async move {
+            self.write(name, self.upload(name, metadata, None))
+                .await
+                .map_err(|e| match e {
+                    // On an upload, 404 means the bucket is missing.
+                    BackendError::NotFound => BackendError::BucketNotFound,
+                    e => e,
+                })
+        })
+    }
+
+    fn inspect<'a>(
+        &'a self,
+        name: &'a str,
+    ) -> BoxFuture<'a, Result<Reply<Option<ObjectState>>, BackendError>> {
+        Box::pin(async move {
+            let r = self.send(self.http.get(self.object_url(name))).await?;
+            if r.status.is_success() {
+                let state = parse_object(&r.body)?;
+                return Ok(Reply::new(Some(state), server_time(&r.headers)));
+            }
+            match r.error(name) {
+                BackendError::NotFound => Ok(Reply::new(None, server_time(&r.headers))),
+                e => Err(e),
+            }
+        })
+    }
+
+    fn takeover<'a>(
+        &'a self,
+        name: &'a str,
+        expected: Version,
+        metadata: &'a Metadata,
+    ) -> BoxFuture<'a, Result<Reply<ObjectState>, BackendError>> {
+        Box::pin(async move {
+            self.write(name, self.upload(name, metadata, Some(expected)))
+                .await
+        })
+    }
+
+    fn refresh<'a>(
+        &'a self,
+        name: &'a str,
+        expected: Version,
+        metadata: &'a Metadata,
+    ) -> BoxFuture<'a, Result<Reply<ObjectState>, BackendError>> {
+        Box::pin(async move {
+            let body = serde_json::json!({ "metadata": metadata }).to_string();
+            let request = self
+                .http
+                .patch(self.object_url(name))
+                .query(&preconditions(expected))
+                .header(http::header::CONTENT_TYPE, "application/json")
+                .body(body);
+            self.write(name, request).await
+        })
+    }
+
+    fn release<'a>(
+        &'a self,
+        name: &'a str,
+        expected: Version,
+    ) -> BoxFuture<'a, Result<Reply<()>, BackendError>> {
+        Box::pin(async move {
+            let request = self
+                .http
+                .delete(self.object_url(name))
+                .query(&preconditions(expected));
+            let r = self.send(request).await?;
+            if r.status.is_success() {
+                return Ok(Reply::new((), server_time(&r.headers)));
+            }
+            Err(r.error(name))
+        })
+    }
+}
+
+fn preconditions(v: Version) -> [(&'static str, String); 2] {
+    [
+        ("ifGenerationMatch", v.generation().to_string()),
+        ("ifMetagenerationMatch", v.metageneration().to_string()),
+    ]
+}
+
+struct Response {
+    status: StatusCode,
+    headers: HeaderMap,
+    body: Bytes,
+}
+
+impl Response {
+    fn error(&self, name: &str) -> BackendError {
+        let message = error_message(&self.body).unwrap_or_else(|| {
+            self.status
+                .canonical_reason()
+                .unwrap_or("unexpected status")
+                .to_owned()
+        });
+        let status = self.status.as_u16();
+        match status {
+            412 => BackendError::PreconditionFailed,
+            404 => BackendError::NotFound,
+            408 | 429 | 500..=599 => BackendError::Transient {
+                status: Some(status),
+                retry_after: retry_after(&self.headers),
+                message: format!("HTTP {status}: {message}"),
+            },
+            _ => {
+                tracing::debug!(target: "dimutex", object = name, status, "request refused");
+                BackendError::Fatal {
+                    status: Some(status),
+                    message: format!("HTTP {status}: {message}"),
+                }
+            }
+        }
+    }
+}
+
+fn transport_error(e: reqwest::Error) -> BackendError {
+    // Timeouts, refused or reset connections and truncated bodies are all worth retrying;
+    // the request may or may not have reached the server.
+    if e.is_builder() {
+        return BackendError::Fatal {
+            status: None,
+            message: format!("invalid request: {e}"),
+        };
+    }
+    BackendError::Transient {
+        status: None,
+        retry_after: None,
+        message: format!("transport: {e}"),
+    }
+}
+
+fn error_message(body: &[u8]) -> Option<String> {
+    #[derive(Deserialize)]
+    struct Envelope {
+        error: Inner,
+    }
+    #[derive(Deserialize)]
+    struct Inner {
+        message: String,
+    }
+    serde_json::from_slice::<Envelope>(body)
+        .ok()
+        .map(|e| e.error.message)
+}
+
+fn retry_after(headers: &HeaderMap) -> Option<Duration> {
+    let value = headers.get(http::header::RETRY_AFTER)?.to_str().ok()?;
+    if let Ok(secs) = value.trim().parse::<u64>() {
+        return Some(Duration::from_secs(secs.min(3600)));
+    }
+    let at = httpdate::parse_http_date(value).ok()?;
+    at.duration_since(SystemTime::now()).ok()
+}
+
+fn server_time(headers: &HeaderMap) -> Option<SystemTime> {
+    let value = headers.get(http::header::DATE)?.to_str().ok()?;
+    httpdate::parse_http_date(value).ok()
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ObjectResource {
+    #[serde(deserialize_with = "int64")]
+    generation: i64,
+    #[serde(deserialize_with = "int64")]
+    metageneration: i64,
+    updated: Option<String>,
+    #[serde(default)]
+    metadata: Option<Metadata>,
+}
+
+/// GCS sends int64 fields as JSON strings; some emulators send numbers.
+fn int64<'de, D: serde::Deserializer<'de>>(d: D) -> Result<i64, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Int {
+        S(String),
+        N(i64),
+    }
+    match Int::deserialize(d)? {
+        Int::N(n) => Ok(n),
+        Int::S(s) => s.parse().map_err(serde::de::Error::custom),
+    }
+}
+
+fn parse_object(body: &[u8]) -> Result<ObjectState, BackendError> {
+    let resource: ObjectResource =
+        serde_json::from_slice(body).map_err(|e| BackendError::Fatal {
+            status: None,
+            message: format!("malformed object resource: {e}"),
+        })?;
+    let updated = resource
+        .updated
+        .as_deref()
+        .and_then(parse_rfc3339)
+        .unwrap_or(SystemTime::UNIX_EPOCH);
+    Ok(ObjectState::new(
+        Version::new(resource.generation, resource.metageneration),
+        updated,
+        resource.metadata.unwrap_or_default(),
+    ))
+}
+
+fn parse_rfc3339(s: &str) -> Option<SystemTime> {
+    let t = time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339).ok()?;
+    Some(t.into())
+}
+
+/// Percent-encodes an object name as one path segment (everything but unreserved characters).
+pub(crate) fn encode_segment(name: &str) -> String {
+    let mut out = String::with_capacity(name.len() * 3);
+    for b in name.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+fn normalize_endpoint(e: &str) -> Option<String> {
+    let e = e.trim();
+    let url = if e.contains("://") {
+        e.to_owned()
+    } else {
+        format!("http://{e}")
+    };
+    let url = url.trim_end_matches('/').to_owned();
+    let rest = url
+        .strip_prefix("http://")
+        .or_else(|| url.strip_prefix("https://"))?;
+    if rest.is_empty() || rest.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return None;
+    }
+    Some(url)
+}
+
+/// GCS bucket names: 3-222 characters of lowercase letters, digits, `-`, `_` and `.`,
+/// starting and ending with a letter or digit.
+fn valid_bucket(b: &str) -> bool {
+    let ok_char =
+        |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '-' | '_' | '.');
+    let ends = |c: Option<char>| c.is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
+    (3..=222).contains(&b.len())
+        && b.chars().all(ok_char)
+        && ends(b.chars().next())
+        && ends(b.chars().last())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_one_encoded_segment() {
+        assert_eq!(encode_segment("dimutex/a b+c"), "dimutex%2Fa%20b%2Bc");
+        assert_eq!(encode_segment("ü"), "%C3%BC");
+        assert_eq!(encode_segment("a-b.c_d~e"), "a-b.c_d~e");
+    }
+
+    #[test]
+    fn endpoints_are_normalized() {
+        assert_eq!(
+            normalize_endpoint("localhost:4443").as_deref(),
+            Some("http://localhost:4443")
+        );
+        assert_eq!(
+            normalize_endpoint("https://x.test/").as_deref(),
+            Some("https://x.test")
+        );
+        assert_eq!(normalize_endpoint("http://"), None);
+        assert_eq!(normalize_endpoint("ftp://x"), None);
+    }
+
+    #[test]
+    fn bucket_names_are_checked() {
+        assert!(valid_bucket("my-bucket_1.test"));
+        assert!(!valid_bucket("My-Bucket"));
+        assert!(!valid_bucket("ab"));
+        assert!(!valid_bucket("-abc"));
+        assert!(!valid_bucket("a/b"));
+    }
+
+    #[test]
+    fn object_resources_parse_strings_and_numbers() {
+        let s = parse_object(br#"{"generation":"1700000000000001","metageneration":"2","updated":"2026-11-26T06:22:41.123Z","metadata":{"ttl":"30"}}"#).unwrap();
+        assert_eq!(s.version(), Version::new(1700000000000001, 2));
+        assert_eq!(s.metadata().get("ttl").map(String::as_str), Some("30"));
+        assert_eq!(
+            s.updated(),
+            SystemTime::UNIX_EPOCH + Duration::from_millis(1_795_674_161_123)
+        );
+        let n = parse_object(br#"{"generation":5,"metageneration":1}"#).unwrap();
+        assert_eq!(n.version(), Version::new(5, 1));
+        assert!(parse_object(b"{}").is_err());
+    }
+
+    #[test]
+    fn retry_after_reads_seconds() {
+        let mut h = HeaderMap::new();
+        h.insert(http::header::RETRY_AFTER, "7".parse().unwrap());
+        assert_eq!(retry_after(&h), Some(Duration::from_secs(7)));
+    }
+}

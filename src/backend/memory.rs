@@ -1,0 +1,222 @@
+//! The in-process backend: the GCS semantics of [`store`](super::store), no network.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use super::store::{Preconditions, Store, StoreError, StoredObject};
+use super::{Backend, BackendError, BoxFuture, Metadata, ObjectState, Reply, Version};
+
+/// A lock backend that keeps lock objects in this process, with the semantics of GCS:
+/// generations, metagenerations, preconditions, a server clock, and (optionally) GCS's limit of
+/// about one mutation per second per object name.
+///
+/// Use it for examples and to test your own application without GCS. Clones share the same
+/// objects, so two [`Client`](crate::Client)s built from clones of one `MemoryBackend` contend
+/// like two processes sharing a bucket.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), dimutex::Error> {
+/// use dimutex::{Client, backend::MemoryBackend};
+///
+/// let backend = MemoryBackend::new();
+/// let client = Client::new(backend.clone());
+/// let guard = client.try_acquire("report-2026-11").await?;
+/// assert_eq!(backend.object_count(), 1);
+/// assert!(guard.release().await?);
+/// assert_eq!(backend.object_count(), 0);
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone, Default)]
+pub struct MemoryBackend {
+    store: Arc<Store>,
+    requests: Arc<AtomicU64>,
+}
+
+impl MemoryBackend {
+    /// An empty backend with the throttle off.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Turns GCS's one-mutation-per-second-per-object limit on or off (default off). When on, a
+    /// second mutation of one object name within a second is refused as HTTP 429 would be.
+    ///
+    /// ```
+    /// let backend = dimutex::backend::MemoryBackend::new();
+    /// backend.set_throttle(true);
+    /// ```
+    pub fn set_throttle(&self, on: bool) {
+        self.store.set_throttle(on);
+    }
+
+    /// Moves the backend's server clock by `offset_ms` milliseconds from this machine's clock.
+    ///
+    /// ```
+    /// let backend = dimutex::backend::MemoryBackend::new();
+    /// backend.set_clock_offset_ms(-300_000);
+    /// ```
+    pub fn set_clock_offset_ms(&self, offset_ms: i64) {
+        self.store.set_clock_offset(offset_ms);
+    }
+
+    /// How many lock objects exist now.
+    ///
+    /// ```
+    /// assert_eq!(dimutex::backend::MemoryBackend::new().object_count(), 0);
+    /// ```
+    pub fn object_count(&self) -> usize {
+        self.store.len()
+    }
+
+    /// The names of the objects that exist now, sorted.
+    ///
+    /// ```
+    /// assert!(dimutex::backend::MemoryBackend::new().object_names().is_empty());
+    /// ```
+    pub fn object_names(&self) -> Vec<String> {
+        self.store.list("").into_iter().map(|o| o.name).collect()
+    }
+
+    /// How many requests (of the five [`Backend`] methods) this backend has served.
+    ///
+    /// ```
+    /// assert_eq!(dimutex::backend::MemoryBackend::new().request_count(), 0);
+    /// ```
+    pub fn request_count(&self) -> u64 {
+        self.requests.load(Ordering::Relaxed)
+    }
+
+    fn reply<T>(&self, value: T) -> Reply<T> {
+        Reply::new(value, Some(self.store.now()))
+    }
+
+    fn count(&self) {
+        self.requests.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn write_result(
+        &self,
+        result: Result<StoredObject, StoreError>,
+    ) -> Result<Reply<ObjectState>, BackendError> {
+        result
+            .map(|o| self.reply(state(o)))
+            .map_err(|e| self.error(e))
+    }
+
+    fn error(&self, e: StoreError) -> BackendError {
+        match e {
+            StoreError::NotFound => BackendError::NotFound,
+            StoreError::PreconditionFailed => BackendError::PreconditionFailed,
+            StoreError::RateLimited => BackendError::Transient {
+                status: Some(429),
+                retry_after: None,
+                message: "rateLimitExceeded: the object is mutated more than once per second"
+                    .into(),
+            },
+        }
+    }
+}
+
+fn state(o: StoredObject) -> ObjectState {
+    ObjectState::new(
+        Version::new(o.generation, o.metageneration),
+        o.updated,
+        o.metadata,
+    )
+}
+
+fn matching(expected: Version) -> Preconditions {
+    Preconditions {
+        if_generation_match: Some(expected.generation()),
+        if_metageneration_match: Some(expected.metageneration()),
+        ..Preconditions::default()
+    }
+}
+
+const LOCK_BODY: &[u8] = b"lock";
+
+impl Backend for MemoryBackend {
+    fn create<'a>(
+        &'a self,
+        name: &'a str,
+        metadata: &'a Metadata,
+    ) -> BoxFuture<'a, Result<Reply<ObjectState>, BackendError>> {
+        self.count();
+        let pre = Preconditions {
+            if_generation_match: Some(0),
+            ..Preconditions::default()
+        };
+        let result = self.store.insert(
+            name,
+            metadata.clone(),
+            Some("no-store".into()),
+            Some("text/plain".into()),
+            LOCK_BODY.to_vec(),
+            pre,
+        );
+        let out = self.write_result(result);
+        Box::pin(async move { out })
+    }
+
+    fn inspect<'a>(
+        &'a self,
+        name: &'a str,
+    ) -> BoxFuture<'a, Result<Reply<Option<ObjectState>>, BackendError>> {
+        self.count();
+        let out = match self.store.get(name) {
+            Ok(o) => Ok(self.reply(Some(state(o)))),
+            Err(StoreError::NotFound) => Ok(self.reply(None)),
+            Err(e) => Err(self.error(e)),
+        };
+        Box::pin(async move { out })
+    }
+
+    fn takeover<'a>(
+        &'a self,
+        name: &'a str,
+        expected: Version,
+        metadata: &'a Metadata,
+    ) -> BoxFuture<'a, Result<Reply<ObjectState>, BackendError>> {
+        self.count();
+        let result = self.store.insert(
+            name,
+            metadata.clone(),
+            Some("no-store".into()),
+            Some("text/plain".into()),
+            LOCK_BODY.to_vec(),
+            matching(expected),
+        );
+        let out = self.write_result(result);
+        Box::pin(async move { out })
+    }
+
+    fn refresh<'a>(
+        &'a self,
+        name: &'a str,
+        expected: Version,
+        metadata: &'a Metadata,
+    ) -> BoxFuture<'a, Result<Reply<ObjectState>, BackendError>> {
+        self.count();
+        let patch = metadata
+            .iter()
+            .map(|(k, v)| (k.clone(), Some(v.clone())))
+            .collect();
+        let result = self.store.patch(name, patch, matching(expected));
+        let out = self.write_result(result);
+        Box::pin(async move { out })
+    }
+
+    fn release<'a>(
+        &'a self,
+        name: &'a str,
+        expected: Version,
+    ) -> BoxFuture<'a, Result<Reply<()>, BackendError>> {
+        self.count();
+        let out = self
+            .store
+            .delete(name, matching(expected))
+            .map(|()| self.reply(()))
+            .map_err(|e| self.error(e));
+        Box::pin(async move { out })
+    }
+}

@@ -1,0 +1,363 @@
+//! An in-process object store with the documented GCS semantics the lock relies on:
+//! generations, metagenerations, all four preconditions on every write, `updated`, a server
+//! clock, and an optional one-mutation-per-second throttle per object name.
+//!
+//! [`MemoryBackend`](super::MemoryBackend) and the fake GCS server of the `testing` feature are
+//! two fronts on this one model, so they cannot drift apart.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::time::{Duration, Instant, SystemTime};
+
+use super::Metadata;
+
+/// The four GCS preconditions. `if_generation_match == Some(0)` means "no live object".
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Preconditions {
+    pub if_generation_match: Option<i64>,
+    pub if_generation_not_match: Option<i64>,
+    pub if_metageneration_match: Option<i64>,
+    pub if_metageneration_not_match: Option<i64>,
+}
+
+/// One stored object.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct StoredObject {
+    pub name: String,
+    pub generation: i64,
+    pub metageneration: i64,
+    pub created: SystemTime,
+    pub updated: SystemTime,
+    pub metadata: Metadata,
+    pub cache_control: Option<String>,
+    pub content_type: Option<String>,
+    pub data: Vec<u8>,
+}
+
+/// Why a store operation was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum StoreError {
+    NotFound,
+    PreconditionFailed,
+    RateLimited,
+}
+
+/// A metadata change: `None` removes the key (JSON `null` in a PATCH).
+pub(crate) type MetadataPatch = Vec<(String, Option<String>)>;
+
+#[derive(Debug, Default)]
+struct Inner {
+    objects: HashMap<String, StoredObject>,
+    last_mutation: HashMap<String, Instant>,
+    last_generation: i64,
+}
+
+/// The object store of one bucket.
+#[derive(Debug, Default)]
+pub(crate) struct Store {
+    inner: Mutex<Inner>,
+    throttle: AtomicBool,
+    clock_offset_ms: AtomicI64,
+}
+
+/// The minimum spacing of mutations of one object name when the throttle is on.
+pub(crate) const MUTATION_SPACING: Duration = Duration::from_secs(1);
+
+impl Store {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn set_throttle(&self, on: bool) {
+        self.throttle.store(on, Ordering::Relaxed);
+    }
+
+    pub fn set_clock_offset(&self, offset_ms: i64) {
+        self.clock_offset_ms.store(offset_ms, Ordering::Relaxed);
+    }
+
+    /// The server clock.
+    pub fn now(&self) -> SystemTime {
+        let offset = self.clock_offset_ms.load(Ordering::Relaxed);
+        let now = SystemTime::now();
+        if offset >= 0 {
+            now + Duration::from_millis(offset as u64)
+        } else {
+            now - Duration::from_millis(offset.unsigned_abs())
+        }
+    }
+
+    pub fn get(&self, name: &str) -> Result<StoredObject, StoreError> {
+        let inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        inner.objects.get(name).cloned().ok_or(StoreError::NotFound)
+    }
+
+    pub fn list(&self, prefix: &str) -> Vec<StoredObject> {
+        let inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let mut out: Vec<_> = inner
+            .objects
+            .values()
+            .filter(|o| o.name.starts_with(prefix))
+            .cloned()
+            .collect();
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        out
+    }
+
+    pub fn len(&self) -> usize {
+        let inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        inner.objects.len()
+    }
+
+    /// Creates or overwrites an object (a new generation, metageneration 1).
+    #[allow(clippy::too_many_arguments)]
+    pub fn insert(
+        &self,
+        name: &str,
+        metadata: Metadata,
+        cache_control: Option<String>,
+        content_type: Option<String>,
+        data: Vec<u8>,
+        pre: Preconditions,
+    ) -> Result<StoredObject, StoreError> {
+        let now = self.now();
+        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        check(inner.objects.get(name), pre, true)?;
+        self.throttle_check(&mut inner, name)?;
+        let generation = next_generation(&mut inner, now);
+        let object = StoredObject {
+            name: name.to_owned(),
+            generation,
+            metageneration: 1,
+            created: now,
+            updated: now,
+            metadata,
+            cache_control,
+            content_type,
+            data,
+        };
+        inner.objects.insert(name.to_owned(), object.clone());
+        Ok(object)
+    }
+
+    /// Merges a metadata change into an object; bumps metageneration and `updated`.
+    pub fn patch(
+        &self,
+        name: &str,
+        patch: MetadataPatch,
+        pre: Preconditions,
+    ) -> Result<StoredObject, StoreError> {
+        let now = self.now();
+        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        check(inner.objects.get(name), pre, false)?;
+        self.throttle_check(&mut inner, name)?;
+        let object = inner.objects.get_mut(name).ok_or(StoreError::NotFound)?;
+        for (key, value) in patch {
+            match value {
+                Some(value) => object.metadata.insert(key, value),
+                None => object.metadata.remove(&key),
+            };
+        }
+        object.metageneration += 1;
+        object.updated = now.max(object.updated);
+        Ok(object.clone())
+    }
+
+    pub fn delete(&self, name: &str, pre: Preconditions) -> Result<(), StoreError> {
+        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        check(inner.objects.get(name), pre, false)?;
+        self.throttle_check(&mut inner, name)?;
+        inner.objects.remove(name);
+        Ok(())
+    }
+
+    fn throttle_check(&self, inner: &mut Inner, name: &str) -> Result<(), StoreError> {
+        if !self.throttle.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        let now = Instant::now();
+        if let Some(last) = inner.last_mutation.get(name) {
+            if now.duration_since(*last) < MUTATION_SPACING {
+                return Err(StoreError::RateLimited);
+            }
+        }
+        if inner.last_mutation.len() > 4096 {
+            inner
+                .last_mutation
+                .retain(|_, t| now.duration_since(*t) < MUTATION_SPACING);
+        }
+        inner.last_mutation.insert(name.to_owned(), now);
+        Ok(())
+    }
+}
+
+/// Generations are unique per name and, as on GCS, microsecond-clock-like and increasing.
+fn next_generation(inner: &mut Inner, now: SystemTime) -> i64 {
+    let micros = now
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
+        .unwrap_or(0);
+    let generation = micros.max(inner.last_generation + 1);
+    inner.last_generation = generation;
+    generation
+}
+
+/// Evaluates preconditions as GCS does. A missing object is 404 for writes that need one
+/// (`insert == false`: patch, delete), and fails any precondition but `ifGenerationMatch=0`
+/// (or a not-match) for inserts.
+fn check(
+    current: Option<&StoredObject>,
+    pre: Preconditions,
+    insert: bool,
+) -> Result<(), StoreError> {
+    let Some(object) = current else {
+        if !insert {
+            return Err(StoreError::NotFound);
+        }
+        return match (pre.if_generation_match, pre.if_metageneration_match) {
+            (Some(g), _) if g != 0 => Err(StoreError::PreconditionFailed),
+            (_, Some(_)) => Err(StoreError::PreconditionFailed),
+            _ => Ok(()),
+        };
+    };
+    let ok = pre
+        .if_generation_match
+        .is_none_or(|g| g == object.generation)
+        && pre
+            .if_generation_not_match
+            .is_none_or(|g| g != object.generation)
+        && pre
+            .if_metageneration_match
+            .is_none_or(|m| m == object.metageneration)
+        && pre
+            .if_metageneration_not_match
+            .is_none_or(|m| m != object.metageneration);
+    if ok {
+        Ok(())
+    } else {
+        Err(StoreError::PreconditionFailed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn gen_match(g: i64) -> Preconditions {
+        Preconditions {
+            if_generation_match: Some(g),
+            ..Default::default()
+        }
+    }
+
+    fn insert(store: &Store, name: &str, pre: Preconditions) -> Result<StoredObject, StoreError> {
+        store.insert(name, Metadata::new(), None, None, b"x".to_vec(), pre)
+    }
+
+    #[test]
+    fn create_if_absent_then_conflict() {
+        let store = Store::new();
+        let a = insert(&store, "k", gen_match(0)).unwrap();
+        assert_eq!(a.metageneration, 1);
+        assert_eq!(
+            insert(&store, "k", gen_match(0)),
+            Err(StoreError::PreconditionFailed)
+        );
+    }
+
+    #[test]
+    fn overwrite_gives_new_generation_and_resets_metageneration() {
+        let store = Store::new();
+        let a = insert(&store, "k", gen_match(0)).unwrap();
+        let p = store
+            .patch(
+                "k",
+                vec![("a".into(), Some("1".into()))],
+                gen_match(a.generation),
+            )
+            .unwrap();
+        assert_eq!(p.metageneration, 2);
+        let b = insert(
+            &store,
+            "k",
+            Preconditions {
+                if_generation_match: Some(a.generation),
+                if_metageneration_match: Some(2),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_ne!(a.generation, b.generation);
+        assert_eq!(b.metageneration, 1);
+        assert!(b.metadata.is_empty());
+    }
+
+    #[test]
+    fn stale_metageneration_is_refused() {
+        let store = Store::new();
+        let a = insert(&store, "k", gen_match(0)).unwrap();
+        store.patch("k", vec![], Preconditions::default()).unwrap();
+        let stale = Preconditions {
+            if_generation_match: Some(a.generation),
+            if_metageneration_match: Some(1),
+            ..Default::default()
+        };
+        assert_eq!(
+            store.delete("k", stale),
+            Err(StoreError::PreconditionFailed)
+        );
+        assert_eq!(
+            store.patch("k", vec![], stale),
+            Err(StoreError::PreconditionFailed)
+        );
+    }
+
+    #[test]
+    fn missing_object_is_not_found_for_patch_and_delete() {
+        let store = Store::new();
+        assert_eq!(store.delete("k", gen_match(3)), Err(StoreError::NotFound));
+        assert_eq!(
+            store.patch("k", vec![], gen_match(3)),
+            Err(StoreError::NotFound)
+        );
+        assert_eq!(
+            insert(&store, "k", gen_match(3)),
+            Err(StoreError::PreconditionFailed)
+        );
+    }
+
+    #[test]
+    fn throttle_limits_mutations_per_name() {
+        let store = Store::new();
+        store.set_throttle(true);
+        let a = insert(&store, "k", gen_match(0)).unwrap();
+        assert_eq!(
+            store.delete("k", gen_match(a.generation)),
+            Err(StoreError::RateLimited)
+        );
+        assert!(insert(&store, "other", gen_match(0)).is_ok());
+        assert_eq!(store.get("k").unwrap().generation, a.generation);
+    }
+
+    #[test]
+    fn patch_merges_and_removes_keys() {
+        let store = Store::new();
+        let mut md = Metadata::new();
+        md.insert("a".into(), "1".into());
+        md.insert("b".into(), "2".into());
+        store
+            .insert("k", md, None, None, vec![], gen_match(0))
+            .unwrap();
+        let p = store
+            .patch(
+                "k",
+                vec![("a".into(), None), ("c".into(), Some("3".into()))],
+                Preconditions::default(),
+            )
+            .unwrap();
+        assert_eq!(p.metadata.get("a"), None);
+        assert_eq!(p.metadata.get("b").map(String::as_str), Some("2"));
+        assert_eq!(p.metadata.get("c").map(String::as_str), Some("3"));
+    }
+}

@@ -1,0 +1,726 @@
+//! The lock client: configuration, acquisition, and shutdown.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use tokio::sync::{oneshot, watch};
+
+use crate::backend::{Backend, BackendError, BoxFuture, ObjectState};
+use crate::backoff::{Backoff, RetryPolicy};
+use crate::error::{ConfigError, Error, ShutdownTimeout};
+use crate::guard::{LeaseShared, LockGuard};
+use crate::key::{self, KeyError, LockKey};
+use crate::lease;
+use crate::object::{self, Verdict};
+
+/// A source of wall-clock time.
+pub type WallClock = Arc<dyn Fn() -> SystemTime + Send + Sync>;
+
+/// A distributed lock client: cheap to clone, shared by all tasks of a process.
+///
+/// Build one per process from a [`Backend`] and take locks with [`try_acquire`](Self::try_acquire)
+/// (fail fast) or [`acquire`](Self::acquire) (wait up to a deadline).
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), dimutex::Error> {
+/// use std::time::{Duration, Instant};
+/// use dimutex::{Client, backend::MemoryBackend};
+///
+/// let client = Client::new(MemoryBackend::new());
+/// let guard = client.acquire("invoice-run", Instant::now() + Duration::from_secs(5)).await?;
+/// println!("fencing token {}", guard.token());
+/// guard.release().await?;
+/// client.shutdown(Duration::from_secs(5)).await.expect("all releases done");
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct Client {
+    inner: Arc<Inner>,
+}
+
+pub(crate) struct Inner {
+    pub(crate) backend: Arc<dyn Backend>,
+    pub(crate) config: Config,
+    /// The number of live lease tasks.
+    pub(crate) leases: watch::Sender<usize>,
+    /// Set once by [`Client::shutdown`].
+    pub(crate) shutdown: watch::Sender<bool>,
+}
+
+#[derive(Clone)]
+pub(crate) struct Config {
+    pub(crate) prefix: String,
+    pub(crate) ttl: Duration,
+    pub(crate) refresh_interval: Duration,
+    pub(crate) identity: String,
+    pub(crate) request_timeout: Duration,
+    pub(crate) retry: RetryPolicy,
+    pub(crate) poll: Backoff,
+    pub(crate) clock: WallClock,
+}
+
+impl Config {
+    /// How long before the lease's end (counted from the send time of the last successful
+    /// write) the holder considers it lost: a tenth of the ttl.
+    pub(crate) fn margin(&self) -> Duration {
+        self.ttl / 10
+    }
+}
+
+impl fmt::Debug for Client {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let c = &self.inner.config;
+        f.debug_struct("Client")
+            .field("backend", &self.inner.backend)
+            .field("prefix", &c.prefix)
+            .field("ttl", &c.ttl)
+            .field("refresh_interval", &c.refresh_interval)
+            .field("identity", &c.identity)
+            .field("request_timeout", &c.request_timeout)
+            .field("retry", &c.retry)
+            .field("poll", &c.poll)
+            .finish_non_exhaustive()
+    }
+}
+
+/// How an acquisition ends when the lock is held elsewhere.
+#[derive(Debug, Clone, Copy)]
+enum Contention {
+    Fail,
+    WaitUntil(Instant),
+}
+
+enum Step {
+    Create,
+    Inspect,
+    Takeover(crate::backend::Version),
+}
+
+/// The outcome of one request, retried on transient failures.
+pub(crate) struct Attempted<T> {
+    pub(crate) result: Result<T, BackendError>,
+    /// Whether an earlier attempt failed in a way that may have taken effect.
+    pub(crate) ambiguous: bool,
+    /// When the first attempt was sent.
+    pub(crate) first_sent: Instant,
+}
+
+/// In try mode, how many times the lock may vanish between our create and our inspect
+/// before we report it as held (a hot key changing hands under us).
+const TRY_ROUNDS: usize = 4;
+
+impl Client {
+    /// A client with the default configuration (see [`ClientBuilder`]).
+    ///
+    /// ```
+    /// let client = dimutex::Client::new(dimutex::backend::MemoryBackend::new());
+    /// assert_eq!(client.prefix(), "dimutex/");
+    /// ```
+    pub fn new(backend: impl Backend) -> Self {
+        Self::builder(backend)
+            .build()
+            .expect("the default configuration is valid")
+    }
+
+    /// A builder to configure a client.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// let client = dimutex::Client::builder(dimutex::backend::MemoryBackend::new())
+    ///     .prefix("locks/")
+    ///     .ttl(Duration::from_secs(20))
+    ///     .build()?;
+    /// assert_eq!(client.ttl(), Duration::from_secs(20));
+    /// # Ok::<(), dimutex::ConfigError>(())
+    /// ```
+    pub fn builder(backend: impl Backend) -> ClientBuilder {
+        ClientBuilder::new(Arc::new(backend))
+    }
+
+    /// The object name prefix.
+    ///
+    /// ```
+    /// # let client = dimutex::Client::new(dimutex::backend::MemoryBackend::new());
+    /// assert_eq!(client.prefix(), "dimutex/");
+    /// ```
+    pub fn prefix(&self) -> &str {
+        &self.inner.config.prefix
+    }
+
+    /// The lease length.
+    ///
+    /// ```
+    /// # let client = dimutex::Client::new(dimutex::backend::MemoryBackend::new());
+    /// assert_eq!(client.ttl(), std::time::Duration::from_secs(30));
+    /// ```
+    pub fn ttl(&self) -> Duration {
+        self.inner.config.ttl
+    }
+
+    /// How often a held lease is refreshed.
+    ///
+    /// ```
+    /// # let client = dimutex::Client::new(dimutex::backend::MemoryBackend::new());
+    /// assert_eq!(client.refresh_interval(), std::time::Duration::from_secs(10));
+    /// ```
+    pub fn refresh_interval(&self) -> Duration {
+        self.inner.config.refresh_interval
+    }
+
+    /// The readable part of the owner recorded in lock objects.
+    ///
+    /// ```
+    /// # let client = dimutex::Client::new(dimutex::backend::MemoryBackend::new());
+    /// assert!(!client.identity().is_empty());
+    /// ```
+    pub fn identity(&self) -> &str {
+        &self.inner.config.identity
+    }
+
+    /// The backend.
+    ///
+    /// ```
+    /// # let client = dimutex::Client::new(dimutex::backend::MemoryBackend::new());
+    /// println!("{:?}", client.backend());
+    /// ```
+    pub fn backend(&self) -> &dyn Backend {
+        &*self.inner.backend
+    }
+
+    /// The object name of `key`: the prefix followed by the key.
+    ///
+    /// ```
+    /// # let client = dimutex::Client::new(dimutex::backend::MemoryBackend::new());
+    /// assert_eq!(client.object_name(&"a".parse()?)?, "dimutex/a");
+    /// # Ok::<(), dimutex::KeyError>(())
+    /// ```
+    pub fn object_name(&self, key: &LockKey) -> Result<String, KeyError> {
+        key::object_name(&self.inner.config.prefix, key)
+    }
+
+    /// How many leases this client holds or is still releasing.
+    ///
+    /// ```
+    /// # let client = dimutex::Client::new(dimutex::backend::MemoryBackend::new());
+    /// assert_eq!(client.active_leases(), 0);
+    /// ```
+    pub fn active_leases(&self) -> usize {
+        *self.inner.leases.borrow()
+    }
+
+    /// Takes the lock if it is free (or expired), without waiting.
+    ///
+    /// Costs 2 requests when uncontended (create, then the delete on release), 2 when the lock
+    /// is held (create, inspect), 3 to take over an expired lock. A held lock is
+    /// [`Error::Held`] with the remaining lease time.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), dimutex::Error> {
+    /// let client = dimutex::Client::new(dimutex::backend::MemoryBackend::new());
+    /// let guard = client.try_acquire("tenant-7").await?;
+    /// assert!(client.try_acquire("tenant-7").await.unwrap_err().is_held());
+    /// drop(guard); // released in the background
+    /// # Ok(()) }
+    /// ```
+    pub async fn try_acquire<K>(&self, key: K) -> Result<LockGuard, Error>
+    where
+        K: TryInto<LockKey>,
+        K::Error: Into<Error>,
+    {
+        let key = key.try_into().map_err(Into::into)?;
+        self.acquire_with(key, Contention::Fail).await
+    }
+
+    /// Takes the lock, waiting until `deadline` while another owner holds it.
+    ///
+    /// While waiting it polls the lock object with reads (decorrelated-jitter backoff, see
+    /// [`ClientBuilder::poll`]); it never repeats the create, so waiters do not spend the
+    /// object's write budget. At the deadline a held lock is [`Error::Held`].
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), dimutex::Error> {
+    /// use std::time::{Duration, Instant};
+    /// let client = dimutex::Client::new(dimutex::backend::MemoryBackend::new());
+    /// let first = client.try_acquire("migration").await?;
+    /// let waiter = tokio::spawn({
+    ///     let client = client.clone();
+    ///     async move { client.acquire("migration", Instant::now() + Duration::from_secs(5)).await }
+    /// });
+    /// first.release().await?;
+    /// let second = waiter.await.unwrap()?;
+    /// second.release().await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn acquire<K>(&self, key: K, deadline: Instant) -> Result<LockGuard, Error>
+    where
+        K: TryInto<LockKey>,
+        K::Error: Into<Error>,
+    {
+        let key = key.try_into().map_err(Into::into)?;
+        self.acquire_with(key, Contention::WaitUntil(deadline))
+            .await
+    }
+
+    /// Releases every lock this client holds and waits (up to `timeout`) until all releases,
+    /// including those handed over by dropped guards, are done. After it, acquisitions fail
+    /// with [`Error::ShutDown`].
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// use std::time::Duration;
+    /// let backend = dimutex::backend::MemoryBackend::new();
+    /// let client = dimutex::Client::new(backend.clone());
+    /// let _guard = client.try_acquire("a").await.unwrap();
+    /// client.shutdown(Duration::from_secs(5)).await.unwrap();
+    /// assert_eq!(backend.object_count(), 0);
+    /// # }
+    /// ```
+    pub async fn shutdown(&self, timeout: Duration) -> Result<(), ShutdownTimeout> {
+        self.inner.shutdown.send_replace(true);
+        let mut leases = self.inner.leases.subscribe();
+        let drained = tokio::time::timeout(timeout, leases.wait_for(|n| *n == 0))
+            .await
+            .is_ok();
+        if drained {
+            Ok(())
+        } else {
+            Err(ShutdownTimeout {
+                pending: *self.inner.leases.borrow(),
+            })
+        }
+    }
+
+    async fn acquire_with(&self, key: LockKey, contention: Contention) -> Result<LockGuard, Error> {
+        if *self.inner.shutdown.borrow() {
+            return Err(Error::ShutDown);
+        }
+        let cfg = &self.inner.config;
+        let backend = &*self.inner.backend;
+        let name = key::object_name(&cfg.prefix, &key)?;
+        let owner = new_owner(&cfg.identity);
+        let key_id = crate::key_id(&key);
+        let started = Instant::now();
+        let mut polls = cfg.poll.delays();
+        let mut first_write: Option<Instant> = None;
+        let mut rounds = 0;
+        let mut step = Step::Create;
+        loop {
+            match step {
+                Step::Create | Step::Takeover(_) => {
+                    let md = object::lock_metadata(cfg.ttl, &owner, (cfg.clock)());
+                    let a = match step {
+                        Step::Takeover(v) => {
+                            self.call(|| backend.takeover(&name, v, &md), None).await
+                        }
+                        _ => self.call(|| backend.create(&name, &md), None).await,
+                    };
+                    first_write.get_or_insert(a.first_sent);
+                    match a.result {
+                        Ok(reply) => {
+                            tracing::debug!(target: "dimutex", key_id, elapsed_ms = started.elapsed().as_millis() as u64, "acquired");
+                            return Ok(self.hold(
+                                key,
+                                name,
+                                owner,
+                                reply.into_value(),
+                                a.first_sent,
+                            ));
+                        }
+                        Err(BackendError::PreconditionFailed) => step = Step::Inspect,
+                        Err(BackendError::NotFound) if matches!(step, Step::Takeover(_)) => {
+                            step = Step::Inspect
+                        }
+                        Err(BackendError::NotFound) => {
+                            return Err(Error::Backend(BackendError::BucketNotFound));
+                        }
+                        Err(e) => return Err(self.failure(e)),
+                    }
+                }
+                Step::Inspect => {
+                    let a = self.call(|| backend.inspect(&name), None).await;
+                    let reply = a.result.map_err(|e| self.failure(e))?;
+                    let server_now = reply.server_time().unwrap_or_else(SystemTime::now);
+                    let Some(state) = reply.into_value() else {
+                        rounds += 1;
+                        if matches!(contention, Contention::Fail) && rounds >= TRY_ROUNDS {
+                            return Err(Error::Held { remaining: None });
+                        }
+                        step = Step::Create;
+                        continue;
+                    };
+                    if object::owner_of(&state) == Some(owner.as_str()) {
+                        // One of our own writes landed although its reply was lost.
+                        let sent = first_write.unwrap_or(started);
+                        if sent + cfg.ttl - cfg.margin() > Instant::now() {
+                            tracing::debug!(target: "dimutex", key_id, "adopted our own landed write");
+                            return Ok(self.hold(key, name, owner, state, sent));
+                        }
+                        step = Step::Takeover(state.version());
+                        continue;
+                    }
+                    match object::judge(&state, server_now, cfg.ttl) {
+                        Verdict::Expired => step = Step::Takeover(state.version()),
+                        Verdict::Held { remaining } => match contention {
+                            Contention::Fail => {
+                                return Err(Error::Held {
+                                    remaining: Some(remaining),
+                                });
+                            }
+                            Contention::WaitUntil(deadline) => {
+                                let now = Instant::now();
+                                if now >= deadline {
+                                    return Err(Error::Held {
+                                        remaining: Some(remaining),
+                                    });
+                                }
+                                let delay = polls.next_delay().min(deadline - now);
+                                tokio::time::sleep(delay).await;
+                                if *self.inner.shutdown.borrow() {
+                                    return Err(Error::ShutDown);
+                                }
+                            }
+                        },
+                    }
+                }
+            }
+        }
+    }
+
+    /// Turns a backend error that ends an acquisition into the client's error.
+    fn failure(&self, e: BackendError) -> Error {
+        self.inner.failure(e)
+    }
+
+    fn hold(
+        &self,
+        key: LockKey,
+        name: String,
+        owner: String,
+        state: ObjectState,
+        sent: Instant,
+    ) -> LockGuard {
+        let cfg = &self.inner.config;
+        let (lost_tx, lost_rx) = watch::channel(false);
+        let (release_tx, release_rx) = oneshot::channel();
+        let shared = Arc::new(LeaseShared::new(
+            key,
+            state.version().generation(),
+            lost_rx,
+            sent + cfg.ttl - cfg.margin(),
+        ));
+        let counted = lease::Counted::new(self.inner.clone());
+        tokio::spawn(lease::run(lease::Lease {
+            client: counted,
+            shared: shared.clone(),
+            name,
+            owner,
+            version: state.version(),
+            sent,
+            lost: lost_tx,
+            release: release_rx,
+        }));
+        LockGuard::new(shared, release_tx)
+    }
+
+    async fn call<'a, T, F>(&'a self, op: F, give_up_at: Option<Instant>) -> Attempted<T>
+    where
+        F: FnMut() -> BoxFuture<'a, Result<T, BackendError>>,
+    {
+        self.inner.call(op, give_up_at).await
+    }
+}
+
+impl Inner {
+    /// Sends one request, retrying transient failures per the retry policy until `give_up_at`
+    /// (default: the policy's `max_elapsed` from now).
+    pub(crate) async fn call<'a, T, F>(
+        &self,
+        mut op: F,
+        give_up_at: Option<Instant>,
+    ) -> Attempted<T>
+    where
+        F: FnMut() -> BoxFuture<'a, Result<T, BackendError>>,
+    {
+        let first_sent = Instant::now();
+        let give_up_at = give_up_at.unwrap_or(first_sent + self.config.retry.max_elapsed());
+        let mut delays = self.config.retry.backoff().delays();
+        let mut ambiguous = false;
+        loop {
+            let result = match tokio::time::timeout(self.config.request_timeout, op()).await {
+                Ok(result) => result,
+                Err(_) => Err(BackendError::Transient {
+                    status: None,
+                    retry_after: None,
+                    message: format!("no reply within {:?}", self.config.request_timeout),
+                }),
+            };
+            match result {
+                Err(e) if e.is_transient() => {
+                    // A 429 is refused before it is applied; anything else may have landed.
+                    ambiguous |= !e.is_rate_limited();
+                    let mut delay = delays.next_delay();
+                    if let BackendError::Transient {
+                        retry_after: Some(after),
+                        ..
+                    } = &e
+                    {
+                        delay = delay.max((*after).min(self.config.retry.backoff().max()));
+                    }
+                    if Instant::now() + delay > give_up_at {
+                        return Attempted {
+                            result: Err(e),
+                            ambiguous,
+                            first_sent,
+                        };
+                    }
+                    tracing::debug!(target: "dimutex", error = %e, delay_ms = delay.as_millis() as u64, "transient failure; retrying");
+                    tokio::time::sleep(delay).await;
+                }
+                result => {
+                    return Attempted {
+                        result,
+                        ambiguous,
+                        first_sent,
+                    };
+                }
+            }
+        }
+    }
+
+    pub(crate) fn failure(&self, e: BackendError) -> Error {
+        match e {
+            BackendError::Transient { retry_after, .. } => Error::Unavailable {
+                retry_after: retry_after.or(Some(self.config.retry.backoff().max())),
+                source: e,
+            },
+            e => Error::Backend(e),
+        }
+    }
+}
+
+/// A fresh owner: the readable identity and a random 128-bit nonce.
+fn new_owner(identity: &str) -> String {
+    format!("{identity}#{:032x}", rand::random::<u128>())
+}
+
+/// Configures a [`Client`]. Invalid settings are reported by [`build`](Self::build), never
+/// silently adjusted.
+///
+/// ```
+/// use std::time::Duration;
+/// use dimutex::{Backoff, Client, RetryPolicy, backend::MemoryBackend};
+///
+/// let client = Client::builder(MemoryBackend::new())
+///     .prefix("locks/")
+///     .ttl(Duration::from_secs(15))
+///     .refresh_interval(Duration::from_secs(5))
+///     .identity("worker-3")
+///     .request_timeout(Duration::from_secs(3))
+///     .retry(RetryPolicy::new(Backoff::default(), Duration::from_secs(4)))
+///     .poll(Backoff::new(Duration::from_millis(50), Duration::from_secs(1), 3.0)?)
+///     .build()?;
+/// # Ok::<(), dimutex::ConfigError>(())
+/// ```
+#[must_use]
+pub struct ClientBuilder {
+    backend: Arc<dyn Backend>,
+    prefix: String,
+    ttl: Duration,
+    refresh_interval: Option<Duration>,
+    identity: Option<String>,
+    request_timeout: Duration,
+    retry: RetryPolicy,
+    poll: Backoff,
+    clock: WallClock,
+}
+
+impl fmt::Debug for ClientBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ClientBuilder")
+            .field("backend", &self.backend)
+            .field("prefix", &self.prefix)
+            .field("ttl", &self.ttl)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The shortest allowed lease.
+pub const MIN_TTL: Duration = Duration::from_secs(2);
+/// The shortest allowed refresh interval.
+pub const MIN_REFRESH_INTERVAL: Duration = Duration::from_secs(1);
+
+impl ClientBuilder {
+    fn new(backend: Arc<dyn Backend>) -> Self {
+        Self {
+            backend,
+            prefix: "dimutex/".into(),
+            ttl: Duration::from_secs(30),
+            refresh_interval: None,
+            identity: None,
+            request_timeout: Duration::from_secs(5),
+            retry: RetryPolicy::default(),
+            poll: Backoff::new(Duration::from_millis(50), Duration::from_secs(1), 3.0)
+                .expect("valid default"),
+            clock: Arc::new(SystemTime::now),
+        }
+    }
+
+    /// The prefix of lock object names (default `dimutex/`). Prefix and key together must fit
+    /// in 1024 bytes.
+    pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.prefix = prefix.into();
+        self
+    }
+
+    /// The lease length (default 30 s; at least [`MIN_TTL`]). A holder that cannot refresh
+    /// loses its lease this long after its last successful write was sent (minus a tenth of
+    /// the ttl as a safety margin); others may take the lock over 1 s after that by the
+    /// server's clock.
+    pub fn ttl(mut self, ttl: Duration) -> Self {
+        self.ttl = ttl;
+        self
+    }
+
+    /// How often a held lease is refreshed (default a third of the ttl; at least
+    /// [`MIN_REFRESH_INTERVAL`] and at most half the ttl).
+    pub fn refresh_interval(mut self, interval: Duration) -> Self {
+        self.refresh_interval = Some(interval);
+        self
+    }
+
+    /// The readable part of the owner written into lock objects (default `hostname:pid`); a
+    /// random nonce per acquisition is appended. At most 256 bytes, no control characters,
+    /// no `#`.
+    pub fn identity(mut self, identity: impl Into<String>) -> Self {
+        self.identity = Some(identity.into());
+        self
+    }
+
+    /// How long one request may take before it counts as a transient failure (default 5 s).
+    pub fn request_timeout(mut self, timeout: Duration) -> Self {
+        self.request_timeout = timeout;
+        self
+    }
+
+    /// How transient failures are retried (default [`RetryPolicy::default`]: 100 ms to 2 s
+    /// backoff, giving up after 5 s).
+    pub fn retry(mut self, retry: RetryPolicy) -> Self {
+        self.retry = retry;
+        self
+    }
+
+    /// How [`Client::acquire`] polls a held lock (default 50 ms to 1 s, multiplier 3).
+    pub fn poll(mut self, poll: Backoff) -> Self {
+        self.poll = poll;
+        self
+    }
+
+    /// The wall clock used to write the `expires` field that Python `dimutex` reads (default
+    /// the system clock). Expiry of this crate's locks is judged on the server's clock only, so
+    /// a wrong clock here affects only Python `dimutex` peers.
+    pub fn wall_clock(mut self, clock: impl Fn() -> SystemTime + Send + Sync + 'static) -> Self {
+        self.clock = Arc::new(clock);
+        self
+    }
+
+    /// Checks the configuration and builds the client.
+    pub fn build(self) -> Result<Client, ConfigError> {
+        key::validate_prefix(&self.prefix).map_err(|e| ConfigError(format!("prefix: {e}")))?;
+        if self.ttl < MIN_TTL {
+            return Err(ConfigError(format!(
+                "ttl must be at least {MIN_TTL:?}, got {:?}",
+                self.ttl
+            )));
+        }
+        if self.ttl > Duration::from_secs(7 * 24 * 3600) {
+            return Err(ConfigError("ttl must be at most 7 days".into()));
+        }
+        let refresh_interval = self
+            .refresh_interval
+            .unwrap_or((self.ttl / 3).max(MIN_REFRESH_INTERVAL));
+        if refresh_interval < MIN_REFRESH_INTERVAL || refresh_interval > self.ttl / 2 {
+            return Err(ConfigError(format!(
+                "refresh interval must be between {MIN_REFRESH_INTERVAL:?} and ttl/2 ({:?}), got {refresh_interval:?}",
+                self.ttl / 2
+            )));
+        }
+        if self.request_timeout.is_zero() {
+            return Err(ConfigError("request timeout must be positive".into()));
+        }
+        let identity = self.identity.unwrap_or_else(default_identity);
+        if identity.is_empty()
+            || identity.len() > 256
+            || identity.contains('#')
+            || identity.chars().any(char::is_control)
+        {
+            return Err(ConfigError(
+                "identity must be 1-256 bytes without control characters or '#'".into(),
+            ));
+        }
+        let config = Config {
+            prefix: self.prefix,
+            ttl: self.ttl,
+            refresh_interval,
+            identity,
+            request_timeout: self.request_timeout,
+            retry: self.retry,
+            poll: self.poll,
+            clock: self.clock,
+        };
+        Ok(Client {
+            inner: Arc::new(Inner {
+                backend: self.backend,
+                config,
+                leases: watch::Sender::new(0),
+                shutdown: watch::Sender::new(false),
+            }),
+        })
+    }
+}
+
+fn default_identity() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .map(|h| h.trim().replace(['#', ':'], "_"))
+        .filter(|h| !h.is_empty() && h.len() <= 200 && !h.chars().any(char::is_control))
+        .unwrap_or_else(|| "unknown".into());
+    format!("{host}:{}", std::process::id())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::MemoryBackend;
+
+    #[test]
+    fn invalid_configuration_is_an_error() {
+        let b = || Client::builder(MemoryBackend::new());
+        assert!(b().ttl(Duration::from_secs(1)).build().is_err());
+        assert!(
+            b().ttl(Duration::from_secs(10))
+                .refresh_interval(Duration::from_secs(6))
+                .build()
+                .is_err()
+        );
+        assert!(
+            b().refresh_interval(Duration::from_millis(500))
+                .build()
+                .is_err()
+        );
+        assert!(b().request_timeout(Duration::ZERO).build().is_err());
+        assert!(b().identity("").build().is_err());
+        assert!(b().identity("a#b").build().is_err());
+        assert!(b().prefix("bad\nprefix").build().is_err());
+        let ok = b().ttl(Duration::from_secs(3)).build().unwrap();
+        assert_eq!(ok.refresh_interval(), Duration::from_secs(1));
+    }
+
+    #[test]
+    fn owners_are_unique_and_carry_the_identity() {
+        let a = new_owner("host:1");
+        assert!(a.starts_with("host:1#"));
+        assert_ne!(a, new_owner("host:1"));
+    }
+}

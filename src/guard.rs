@@ -1,0 +1,253 @@
+//! The handle to a held lock.
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Mutex;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use tokio::sync::{oneshot, watch};
+
+use crate::error::Error;
+use crate::key::LockKey;
+
+/// What a guard sends its lease task to release: where to send the outcome, if anyone waits.
+pub(crate) type ReleaseRequest = Option<oneshot::Sender<Result<bool, Error>>>;
+
+/// A fencing token: the generation of the lock object this acquisition created.
+///
+/// Each acquisition of a key gets a token no other acquisition of that key gets. Pass it to the
+/// resource you protect and have the resource refuse writes carrying a token other than the
+/// newest it has seen. GCS promises that generations are unique, not that they increase, so
+/// compare tokens by **equality**; they do increase on GCS and on this crate's backends in
+/// practice, which is what [`get`](Self::get) is for.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), dimutex::Error> {
+/// let client = dimutex::Client::new(dimutex::backend::MemoryBackend::new());
+/// let a = client.try_acquire("k").await?;
+/// let token_a = a.token();
+/// a.release().await?;
+/// let b = client.try_acquire("k").await?;
+/// assert_ne!(b.token(), token_a);
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct FencingToken(i64);
+
+impl FencingToken {
+    /// The object generation.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), dimutex::Error> {
+    /// # let client = dimutex::Client::new(dimutex::backend::MemoryBackend::new());
+    /// let guard = client.try_acquire("k").await?;
+    /// assert!(guard.token().get() > 0);
+    /// # Ok(()) }
+    /// ```
+    pub fn get(self) -> i64 {
+        self.0
+    }
+}
+
+impl fmt::Display for FencingToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(&self.0, f)
+    }
+}
+
+/// What the guard and its lease task share.
+pub(crate) struct LeaseShared {
+    key: LockKey,
+    token: FencingToken,
+    lost: watch::Receiver<bool>,
+    deadline: Mutex<Instant>,
+}
+
+impl LeaseShared {
+    pub(crate) fn new(
+        key: LockKey,
+        generation: i64,
+        lost: watch::Receiver<bool>,
+        deadline: Instant,
+    ) -> Self {
+        Self {
+            key,
+            token: FencingToken(generation),
+            lost,
+            deadline: Mutex::new(deadline),
+        }
+    }
+
+    pub(crate) fn deadline(&self) -> Instant {
+        *self.deadline.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(crate) fn set_deadline(&self, deadline: Instant) {
+        *self.deadline.lock().unwrap_or_else(|e| e.into_inner()) = deadline;
+    }
+
+    pub(crate) fn key(&self) -> &LockKey {
+        &self.key
+    }
+}
+
+/// A held lock. Dropping it releases the lock in the background.
+///
+/// While the guard lives, the lease is refreshed in the background. If the lease is lost
+/// (refresh refused because someone else took the lock over, or the backend unreachable until
+/// the lease ran out), [`is_healthy`](Self::is_healthy) turns false and [`lost`](Self::lost)
+/// resolves: stop working on the protected resource then. A lease is not a mutex by itself: a
+/// process paused longer than the ttl may wake up after someone else took over, so pass the
+/// [`token`](Self::token) to whatever you protect.
+///
+/// Dropping the guard hands the release to the client's background work (no task is spawned
+/// and nothing blocks in `Drop`); [`release`](Self::release) does the same and waits for the
+/// outcome; [`Client::shutdown`](crate::Client::shutdown) waits for all pending releases.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), dimutex::Error> {
+/// let client = dimutex::Client::new(dimutex::backend::MemoryBackend::new());
+/// let guard = client.try_acquire("payroll").await?;
+/// tokio::select! {
+///     _ = guard.lost() => eprintln!("lease lost; stopping"),
+///     _ = async { /* the critical section */ } => {}
+/// }
+/// let still_held = guard.release().await?;
+/// assert!(still_held);
+/// # Ok(()) }
+/// ```
+#[must_use = "dropping the guard releases the lock at once"]
+pub struct LockGuard {
+    shared: std::sync::Arc<LeaseShared>,
+    release: Option<oneshot::Sender<ReleaseRequest>>,
+}
+
+impl LockGuard {
+    pub(crate) fn new(
+        shared: std::sync::Arc<LeaseShared>,
+        release: oneshot::Sender<ReleaseRequest>,
+    ) -> Self {
+        Self {
+            shared,
+            release: Some(release),
+        }
+    }
+
+    /// The key this guard holds.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), dimutex::Error> {
+    /// # let client = dimutex::Client::new(dimutex::backend::MemoryBackend::new());
+    /// let guard = client.try_acquire("k").await?;
+    /// assert_eq!(guard.key().as_str(), "k");
+    /// # Ok(()) }
+    /// ```
+    pub fn key(&self) -> &LockKey {
+        self.shared.key()
+    }
+
+    /// The fencing token of this acquisition.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), dimutex::Error> {
+    /// # let client = dimutex::Client::new(dimutex::backend::MemoryBackend::new());
+    /// let guard = client.try_acquire("k").await?;
+    /// println!("writing with token {}", guard.token());
+    /// # Ok(()) }
+    /// ```
+    pub fn token(&self) -> FencingToken {
+        self.shared.token
+    }
+
+    /// Whether the lease is still ours: not lost, and its local deadline (the send time of the
+    /// last successful write + ttl − margin) not passed.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), dimutex::Error> {
+    /// # let client = dimutex::Client::new(dimutex::backend::MemoryBackend::new());
+    /// let guard = client.try_acquire("k").await?;
+    /// assert!(guard.is_healthy());
+    /// # Ok(()) }
+    /// ```
+    pub fn is_healthy(&self) -> bool {
+        !*self.shared.lost.borrow() && Instant::now() < self.shared.deadline()
+    }
+
+    /// A future that resolves when the lease is lost (or has ended). It does not borrow the
+    /// guard, so it can be moved into another task.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), dimutex::Error> {
+    /// # let client = dimutex::Client::new(dimutex::backend::MemoryBackend::new());
+    /// let guard = client.try_acquire("k").await?;
+    /// let lost = guard.lost();
+    /// guard.release().await?;
+    /// lost.await; // the lease has ended
+    /// # Ok(()) }
+    /// ```
+    pub fn lost(&self) -> Lost {
+        let mut rx = self.shared.lost.clone();
+        Lost {
+            inner: Box::pin(async move {
+                let _ = rx.wait_for(|lost| *lost).await;
+            }),
+        }
+    }
+
+    /// Releases the lock and reports whether it was still ours: `true` when the conditional
+    /// delete removed our lock object, `false` when the lease had been lost and someone else
+    /// changed or removed the object. Transient failures are retried per the client's retry
+    /// policy; after that the error is returned and expiry frees the lock.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), dimutex::Error> {
+    /// # let client = dimutex::Client::new(dimutex::backend::MemoryBackend::new());
+    /// let guard = client.try_acquire("k").await?;
+    /// assert!(guard.release().await?);
+    /// # Ok(()) }
+    /// ```
+    pub async fn release(mut self) -> Result<bool, Error> {
+        let (tx, rx) = oneshot::channel();
+        let Some(release) = self.release.take() else {
+            return Err(Error::ShutDown);
+        };
+        if release.send(Some(tx)).is_err() {
+            // The lease task is gone: the client was shut down (its release done) or the
+            // runtime stopped.
+            return Err(Error::ShutDown);
+        }
+        rx.await.unwrap_or(Err(Error::ShutDown))
+    }
+}
+
+impl fmt::Debug for LockGuard {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LockGuard")
+            .field("key", self.key())
+            .field("token", &self.token())
+            .field("healthy", &self.is_healthy())
+            .finish()
+    }
+}
+
+/// Resolves when a lease is lost or has ended; see [`LockGuard::lost`].
+#[must_use = "futures do nothing unless polled"]
+pub struct Lost {
+    inner: Pin<Box<dyn Future<Output = ()> + Send + Sync>>,
+}
+
+impl Future for Lost {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        self.inner.as_mut().poll(cx)
+    }
+}
+
+impl fmt::Debug for Lost {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Lost").finish_non_exhaustive()
+    }
+}

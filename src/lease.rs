@@ -1,0 +1,183 @@
+//! The life of a held lease: periodic refresh, the lost-lease rule, and the release.
+//!
+//! One task per lease, started when the lock is acquired. The guard talks to it through a
+//! oneshot channel: sending on it (or dropping it, when the guard is dropped) asks for the
+//! release, so `Drop` does no work of its own.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::{oneshot, watch};
+
+use crate::backend::{BackendError, Version};
+use crate::client::Inner;
+use crate::error::Error;
+use crate::guard::{LeaseShared, ReleaseRequest};
+use crate::object;
+
+/// A client handle counted in the client's number of live leases while it exists.
+pub(crate) struct Counted(Arc<Inner>);
+
+impl Counted {
+    pub(crate) fn new(inner: Arc<Inner>) -> Self {
+        inner.leases.send_modify(|n| *n += 1);
+        Self(inner)
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.0.leases.send_modify(|n| *n -= 1);
+    }
+}
+
+pub(crate) struct Lease {
+    pub(crate) client: Counted,
+    pub(crate) shared: Arc<LeaseShared>,
+    pub(crate) name: String,
+    pub(crate) owner: String,
+    pub(crate) version: Version,
+    /// When the last successful write was sent.
+    pub(crate) sent: Instant,
+    pub(crate) lost: watch::Sender<bool>,
+    pub(crate) release: oneshot::Receiver<ReleaseRequest>,
+}
+
+enum Refresh {
+    Done {
+        version: Version,
+        sent: Instant,
+    },
+    /// Someone else changed or removed the object: it is not ours.
+    Gone,
+    /// The local deadline passed without a successful refresh.
+    Expired,
+    /// A non-transient failure (say, permissions); try again later.
+    Failed,
+}
+
+/// How long to wait before retrying a refresh that failed for good.
+const FAILED_REFRESH_RETRY: Duration = Duration::from_secs(1);
+
+pub(crate) async fn run(mut lease: Lease) {
+    let inner = lease.client.0.clone();
+    let cfg = &inner.config;
+    let key_id = crate::key_id(lease.shared.key());
+    let mut shutdown = inner.shutdown.subscribe();
+    let mut next_refresh = lease.sent + cfg.refresh_interval;
+    // None while held; Some(gone) once lost.
+    let mut lost: Option<bool> = None;
+    let reply: ReleaseRequest = loop {
+        let deadline = lease.shared.deadline();
+        tokio::select! {
+            biased;
+            request = &mut lease.release => break request.ok().flatten(),
+            _ = shut_down(&mut shutdown) => break None,
+            _ = tokio::time::sleep_until(deadline.into()), if lost.is_none() => {
+                tracing::warn!(target: "dimutex", key_id, "lease lost: no successful refresh before the local deadline");
+                lost = Some(false);
+                lease.lost.send_replace(true);
+            }
+            _ = tokio::time::sleep_until(next_refresh.into()), if lost.is_none() => {
+                match refresh(&inner, &lease, deadline).await {
+                    Refresh::Done { version, sent } => {
+                        lease.version = version;
+                        lease.sent = sent;
+                        lease.shared.set_deadline(sent + cfg.ttl - cfg.margin());
+                        next_refresh = sent + cfg.refresh_interval;
+                        tracing::trace!(target: "dimutex", key_id, "refreshed");
+                    }
+                    Refresh::Failed => next_refresh = Instant::now() + FAILED_REFRESH_RETRY,
+                    Refresh::Gone => {
+                        tracing::warn!(target: "dimutex", key_id, "lease lost: the lock object was changed by another owner");
+                        lost = Some(true);
+                        lease.lost.send_replace(true);
+                    }
+                    Refresh::Expired => {
+                        tracing::warn!(target: "dimutex", key_id, "lease lost: refresh failed until the local deadline");
+                        lost = Some(false);
+                        lease.lost.send_replace(true);
+                    }
+                }
+            }
+        }
+    };
+    let result = release(&inner, &lease, lost == Some(true)).await;
+    match &result {
+        Ok(held) => tracing::debug!(target: "dimutex", key_id, held, "released"),
+        Err(e) => {
+            tracing::warn!(target: "dimutex", key_id, error = %e, "release failed; the lease will expire")
+        }
+    }
+    lease.lost.send_replace(true);
+    if let Some(reply) = reply {
+        let _ = reply.send(result);
+    }
+}
+
+/// Resolves once the client is shut down (the `watch::Ref` is dropped at once: it is not `Send`).
+async fn shut_down(rx: &mut watch::Receiver<bool>) {
+    let _ = rx.wait_for(|s| *s).await;
+}
+
+async fn refresh(inner: &Inner, lease: &Lease, deadline: Instant) -> Refresh {
+    let cfg = &inner.config;
+    let md = object::refresh_metadata(cfg.ttl, (cfg.clock)());
+    let backend = &*inner.backend;
+    let name = lease.name.as_str();
+    let version = lease.version;
+    let attempt = inner.call(|| backend.refresh(name, version, &md), Some(deadline));
+    let Ok(a) = tokio::time::timeout_at(deadline.into(), attempt).await else {
+        return Refresh::Expired;
+    };
+    match a.result {
+        Ok(reply) => Refresh::Done {
+            version: reply.value().version(),
+            sent: a.first_sent,
+        },
+        Err(BackendError::PreconditionFailed | BackendError::NotFound) if a.ambiguous => {
+            // Perhaps an earlier attempt of ours landed and this 412 is about our own write.
+            let check = inner.call(|| backend.inspect(name), Some(deadline));
+            let Ok(c) = tokio::time::timeout_at(deadline.into(), check).await else {
+                return Refresh::Expired;
+            };
+            match c.result {
+                Ok(reply) => match reply.into_value() {
+                    Some(state)
+                        if state.version().generation() == version.generation()
+                            && object::owner_of(&state) == Some(lease.owner.as_str())
+                            && state.metadata().get(object::EXPIRES) == md.get(object::EXPIRES) =>
+                    {
+                        Refresh::Done {
+                            version: state.version(),
+                            sent: a.first_sent,
+                        }
+                    }
+                    _ => Refresh::Gone,
+                },
+                Err(e) if e.is_transient() => Refresh::Expired,
+                Err(_) => Refresh::Failed,
+            }
+        }
+        Err(BackendError::PreconditionFailed | BackendError::NotFound) => Refresh::Gone,
+        Err(e) if e.is_transient() => Refresh::Expired,
+        Err(_) => Refresh::Failed,
+    }
+}
+
+async fn release(inner: &Inner, lease: &Lease, gone: bool) -> Result<bool, Error> {
+    if gone {
+        return Ok(false);
+    }
+    let backend = &*inner.backend;
+    let name = lease.name.as_str();
+    let version = lease.version;
+    let a = inner.call(|| backend.release(name, version), None).await;
+    match a.result {
+        Ok(_) => Ok(true),
+        // Gone: if an earlier attempt of ours may have landed, it was our delete.
+        Err(BackendError::NotFound) => Ok(a.ambiguous),
+        Err(BackendError::PreconditionFailed) => Ok(false),
+        Err(e) => Err(inner.failure(e)),
+    }
+}

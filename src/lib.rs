@@ -1,0 +1,60 @@
+//! A distributed mutex on Google Cloud Storage.
+//!
+//! `dimutex` makes sure that two replicas of a service never run the same job at once: a lock
+//! is a GCS object created with `ifGenerationMatch=0`, held as a lease that is refreshed in
+//! the background, and released with a delete conditional on the object's generation and
+//! metageneration. Expiry is judged on the server's clock; outcomes lost in transit are
+//! resolved by re-reading the object and comparing its owner.
+//!
+//! # Quick start
+//!
+//! ```
+//! # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), dimutex::Error> {
+//! use dimutex::{Client, Error, backend::MemoryBackend};
+//!
+//! // In production: `GcsBackend::builder("my-bucket").build().await?`.
+//! let client = Client::new(MemoryBackend::new());
+//!
+//! match client.try_acquire("nightly-export").await {
+//!     Ok(guard) => {
+//!         // ... the critical section; pass guard.token() to what you write ...
+//!         guard.release().await?;
+//!     }
+//!     Err(Error::Held { remaining }) => println!("busy; retry in {remaining:?}"),
+//!     Err(e) => return Err(e),
+//! }
+//! # Ok(()) }
+//! ```
+//!
+//! # Features
+//! - `gcs` (default): [`backend::GcsBackend`], the GCS JSON API over `reqwest` + `gcp_auth`.
+//! - `testing`: [`testing::FakeGcs`], an in-process HTTP fake of the GCS JSON API with fault
+//!   injection, for tests and benchmarks.
+#![cfg_attr(docsrs, feature(doc_auto_cfg))]
+#![warn(missing_docs, missing_debug_implementations, rust_2018_idioms)]
+#![forbid(unsafe_code)]
+
+pub mod backend;
+mod backoff;
+mod client;
+mod error;
+mod guard;
+mod key;
+mod lease;
+mod object;
+#[cfg(feature = "testing")]
+pub mod testing;
+
+pub use backoff::{Backoff, RetryPolicy};
+pub use client::{Client, ClientBuilder, MIN_REFRESH_INTERVAL, MIN_TTL, WallClock};
+pub use error::{ConfigError, Error, ShutdownTimeout};
+pub use guard::{FencingToken, LockGuard, Lost};
+pub use key::{KeyError, LockKey, MAX_OBJECT_NAME_LEN};
+
+/// A short, stable digest of a key for logs, so raw keys never appear above DEBUG.
+pub(crate) fn key_id(key: &LockKey) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    key.as_str().hash(&mut h);
+    h.finish() & 0xffff_ffff
+}
