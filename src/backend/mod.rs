@@ -251,3 +251,46 @@ pub trait Backend: Send + Sync + fmt::Debug + 'static {
         expected: Version,
     ) -> BoxFuture<'a, Result<Reply<()>, BackendError>>;
 }
+
+impl<B: Backend + ?Sized> Backend for std::sync::Arc<B> {
+    fn create<'a>(
+        &'a self,
+        name: &'a str,
+        metadata: &'a Metadata,
+    ) -> BoxFuture<'a, Result<Reply<ObjectState>, BackendError>> {
+        (**self).create(name, metadata)
+    }
+
+    fn inspect<'a>(
+        &'a self,
+        name: &'a str,
+    ) -> BoxFuture<'a, Result<Reply<Option<ObjectState>>, BackendError>> {
+        (**self).inspect(name)
+    }
+
+    fn takeover<'a>(
+        &'a self,
+        name: &'a str,
+        expected: Version,
+        metadata: &'a Metadata,
+    ) -> BoxFuture<'a, Result<Reply<ObjectState>, BackendError>> {
+        (**self).takeover(name, expected, metadata)
+    }
+
+    fn refresh<'a>(
+        &'a self,
+        name: &'a str,
+        expected: Version,
+        metadata: &'a Metadata,
+    ) -> BoxFuture<'a, Result<Reply<ObjectState>, BackendError>> {
+        (**self).refresh(name, expected, metadata)
+    }
+
+    fn release<'a>(
+        &'a self,
+        name: &'a str,
+        expected: Version,
+    ) -> BoxFuture<'a, Result<Reply<()>, BackendError>> {
+        (**self).release(name, expected)
+    }
+}

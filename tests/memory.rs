@@ -1,0 +1,109 @@
+//! The lock scenarios on the in-memory backend.
+
+mod support;
+
+use std::sync::Arc;
+
+use dimutex::backend::{Backend, MemoryBackend};
+use support::scenarios::{self, Env};
+
+fn env(backend: &MemoryBackend, test: &str) -> Env {
+    let b = backend.clone();
+    let objects = backend.clone();
+    let requests = backend.clone();
+    let clock = backend.clone();
+    Env {
+        make_backend: Arc::new(move || {
+            let b = b.clone();
+            Box::pin(async move { Arc::new(b) as Arc<dyn Backend> })
+        }),
+        objects: Arc::new(move |prefix| {
+            let names: Vec<String> = objects
+                .object_names()
+                .into_iter()
+                .filter(|n| n.starts_with(&prefix))
+                .collect();
+            Box::pin(async move { names })
+        }),
+        requests: Some(Arc::new(move || requests.request_count())),
+        set_server_clock_offset_ms: Some(Arc::new(move |ms| clock.set_clock_offset_ms(ms))),
+        prefix: support::unique_prefix(test),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t1_mutual_exclusion_one_key() {
+    let backend = MemoryBackend::new();
+    let r = scenarios::mutual_exclusion(&env(&backend, "t1"), 32, 200, 1).await;
+    eprintln!(
+        "T1 memory: {} acquisitions, {} held answers, {} overlaps, {} leftovers",
+        r.acquisitions, r.held_answers, r.overlaps, r.leftovers
+    );
+    assert_eq!(r.overlaps, 0);
+    assert_eq!(r.leftovers, 0);
+    assert!(
+        r.acquisitions >= 100,
+        "too few acquisitions: {}",
+        r.acquisitions
+    );
+    assert!(r.held_answers > 0, "no contention: the test proves nothing");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t2_many_keys() {
+    let backend = MemoryBackend::new();
+    let r = scenarios::mutual_exclusion(&env(&backend, "t2"), 64, 157, 100).await;
+    eprintln!(
+        "T2 memory: {} acquisitions, {} held answers, {} overlaps, {} leftovers",
+        r.acquisitions, r.held_answers, r.overlaps, r.leftovers
+    );
+    assert_eq!(r.overlaps, 0);
+    assert_eq!(r.leftovers, 0);
+    assert_eq!(r.acquisitions + r.held_answers, 64 * 157);
+}
+
+#[tokio::test]
+async fn waiters_take_turns() {
+    let backend = MemoryBackend::new();
+    scenarios::waiters_take_turns(&env(&backend, "turns"), 8).await;
+}
+
+#[tokio::test]
+async fn t10_round_trip_budget() {
+    let backend = MemoryBackend::new();
+    scenarios::round_trip_budget(&env(&backend, "t10")).await;
+}
+
+#[tokio::test]
+async fn refresh_keeps_the_lease() {
+    let backend = MemoryBackend::new();
+    scenarios::refresh_keeps_the_lease(&env(&backend, "refresh")).await;
+}
+
+#[tokio::test]
+async fn foreign_takeover_is_signalled() {
+    let backend = MemoryBackend::new();
+    scenarios::foreign_takeover_is_signalled(&env(&backend, "stolen")).await;
+}
+
+#[tokio::test]
+async fn drop_and_shutdown_release() {
+    let backend = MemoryBackend::new();
+    scenarios::drop_and_shutdown_release(&env(&backend, "drop")).await;
+}
+
+#[tokio::test]
+async fn bad_keys_send_nothing() {
+    let backend = MemoryBackend::new();
+    scenarios::bad_keys_send_nothing(&env(&backend, "badkeys")).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t7_client_clocks_change_nothing() {
+    let backend = MemoryBackend::new();
+    scenarios::takeover_after_crash_ignores_client_clocks(
+        &env(&backend, "t7"),
+        &[-300, -30, 0, 30, 300],
+    )
+    .await;
+}

@@ -1,0 +1,424 @@
+//! Lock scenarios run unchanged against every backend: the in-memory backend, the GCS backend
+//! on the in-repo fake server, on fake-gcs-server, or on real GCS.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant, SystemTime};
+
+use dimutex::backend::{Backend, Metadata};
+use dimutex::{Backoff, Client, ClientBuilder, Error, RetryPolicy};
+
+pub type BoxFut<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+/// A server under test, seen through a backend.
+pub struct Env {
+    /// Makes a fresh backend (its own connection pool), like another process would have.
+    pub make_backend: Arc<dyn Fn() -> BoxFut<Arc<dyn Backend>> + Send + Sync>,
+    /// Names of the lock objects under `prefix` that exist now.
+    pub objects: Arc<dyn Fn(String) -> BoxFut<Vec<String>> + Send + Sync>,
+    /// How many requests the server has seen (None when it cannot tell).
+    pub requests: Option<Arc<dyn Fn() -> u64 + Send + Sync>>,
+    /// Moves the server clock (None when it cannot).
+    pub set_server_clock_offset_ms: Option<Arc<dyn Fn(i64) + Send + Sync>>,
+    /// A unique prefix for this test's objects.
+    pub prefix: String,
+}
+
+impl Env {
+    pub async fn backend(&self) -> Arc<dyn Backend> {
+        (self.make_backend)().await
+    }
+
+    /// A client builder with this test's prefix and fast polling.
+    pub async fn client(&self) -> ClientBuilder {
+        Client::builder(self.backend().await)
+            .prefix(self.prefix.clone())
+            .poll(Backoff::new(Duration::from_millis(5), Duration::from_millis(100), 2.0).unwrap())
+    }
+
+    pub async fn objects(&self) -> Vec<String> {
+        (self.objects)(self.prefix.clone()).await
+    }
+
+    pub fn requests(&self) -> u64 {
+        (self
+            .requests
+            .as_ref()
+            .expect("this server has a request log"))()
+    }
+}
+
+/// Records critical sections and counts overlaps.
+#[derive(Default)]
+pub struct Exclusion {
+    inside: AtomicUsize,
+    overlaps: AtomicUsize,
+    entered: AtomicUsize,
+}
+
+impl Exclusion {
+    pub async fn critical_section(&self, hold: Duration) {
+        if self.inside.fetch_add(1, Ordering::SeqCst) != 0 {
+            self.overlaps.fetch_add(1, Ordering::SeqCst);
+        }
+        self.entered.fetch_add(1, Ordering::SeqCst);
+        if hold.is_zero() {
+            tokio::task::yield_now().await;
+        } else {
+            tokio::time::sleep(hold).await;
+        }
+        self.inside.fetch_sub(1, Ordering::SeqCst);
+    }
+
+    pub fn overlaps(&self) -> usize {
+        self.overlaps.load(Ordering::SeqCst)
+    }
+
+    pub fn entered(&self) -> usize {
+        self.entered.load(Ordering::SeqCst)
+    }
+}
+
+pub struct ExclusionReport {
+    pub acquisitions: usize,
+    pub held_answers: usize,
+    pub overlaps: usize,
+    pub leftovers: usize,
+}
+
+/// T1/T2: `clients` clients, each making `rounds` attempts (`try_acquire`) on keys drawn
+/// round-robin from `keys`; every success runs a critical section and releases.
+pub async fn mutual_exclusion(
+    env: &Env,
+    clients: usize,
+    rounds: usize,
+    keys: usize,
+) -> ExclusionReport {
+    let sections: Arc<Vec<Exclusion>> = Arc::new((0..keys).map(|_| Exclusion::default()).collect());
+    let held = Arc::new(AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for c in 0..clients {
+        let client = env.client().await.build().unwrap();
+        let sections = sections.clone();
+        let held = held.clone();
+        tasks.push(tokio::spawn(async move {
+            for r in 0..rounds {
+                let k = (c * 7 + r) % sections.len();
+                match client.try_acquire(format!("key-{k}")).await {
+                    Ok(guard) => {
+                        sections[k].critical_section(Duration::ZERO).await;
+                        assert!(
+                            guard.release().await.expect("release"),
+                            "release found the lock not ours"
+                        );
+                    }
+                    Err(Error::Held { .. }) => {
+                        held.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(e) => panic!("unexpected error: {e}"),
+                }
+            }
+            client.shutdown(Duration::from_secs(10)).await.unwrap();
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    ExclusionReport {
+        acquisitions: sections.iter().map(Exclusion::entered).sum(),
+        held_answers: held.load(Ordering::Relaxed),
+        overlaps: sections.iter().map(Exclusion::overlaps).sum(),
+        leftovers: env.objects().await.len(),
+    }
+}
+
+/// Waiting acquisitions on one key: every waiter gets its turn, one at a time.
+pub async fn waiters_take_turns(env: &Env, waiters: usize) {
+    let section = Arc::new(Exclusion::default());
+    let mut tasks = Vec::new();
+    for _ in 0..waiters {
+        let client = env.client().await.build().unwrap();
+        let section = section.clone();
+        tasks.push(tokio::spawn(async move {
+            let guard = client
+                .acquire("queue", Instant::now() + Duration::from_secs(30))
+                .await
+                .expect("acquire within 30 s");
+            section.critical_section(Duration::from_millis(20)).await;
+            assert!(guard.release().await.unwrap());
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert_eq!(section.entered(), waiters);
+    assert_eq!(section.overlaps(), 0);
+    assert!(env.objects().await.is_empty());
+}
+
+/// T10: the round-trip budget.
+pub async fn round_trip_budget(env: &Env) {
+    let a = env.client().await.build().unwrap();
+    let b = env.client().await.build().unwrap();
+
+    let before = env.requests();
+    let guard = a.try_acquire("budget").await.unwrap();
+    assert_eq!(
+        env.requests() - before,
+        1,
+        "uncontended acquire = 1 request (create)"
+    );
+
+    let before = env.requests();
+    let err = b.try_acquire("budget").await.unwrap_err();
+    assert!(err.is_held(), "{err}");
+    assert!(err.retry_after().is_some());
+    assert_eq!(
+        env.requests() - before,
+        2,
+        "contended try = 2 requests (create, inspect)"
+    );
+
+    let before = env.requests();
+    assert!(guard.release().await.unwrap());
+    assert_eq!(env.requests() - before, 1, "release = 1 request (delete)");
+
+    // Refresh = 1 request.
+    let c = env
+        .client()
+        .await
+        .ttl(Duration::from_secs(3))
+        .refresh_interval(Duration::from_secs(1))
+        .build()
+        .unwrap();
+    let guard = c.try_acquire("budget-refresh").await.unwrap();
+    let before = env.requests();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(
+        env.requests() - before,
+        1,
+        "one refresh in 1.5 s = 1 request"
+    );
+    assert!(guard.is_healthy());
+    assert!(guard.release().await.unwrap());
+
+    // Expired takeover <= 3 requests.
+    if let Some(shift) = &env.set_server_clock_offset_ms {
+        let stale = a.try_acquire("budget-expired").await.unwrap();
+        let stale_token = stale.token();
+        shift(120_000); // two minutes later, by the server's clock
+        let before = env.requests();
+        let fresh = b.try_acquire("budget-expired").await.unwrap();
+        let cost = env.requests() - before;
+        assert!(cost <= 3, "takeover cost {cost} requests");
+        assert_eq!(cost, 3, "create (412), inspect, takeover");
+        assert_ne!(fresh.token(), stale_token);
+        shift(0);
+        assert!(fresh.release().await.unwrap());
+        assert!(
+            !stale.release().await.unwrap(),
+            "the stale holder no longer holds it"
+        );
+    }
+    a.shutdown(Duration::from_secs(5)).await.unwrap();
+    b.shutdown(Duration::from_secs(5)).await.unwrap();
+    assert!(env.objects().await.is_empty());
+}
+
+/// A refreshed lease outlives its ttl; another client sees it held throughout.
+pub async fn refresh_keeps_the_lease(env: &Env) {
+    let holder = env
+        .client()
+        .await
+        .ttl(Duration::from_secs(2))
+        .refresh_interval(Duration::from_secs(1))
+        .build()
+        .unwrap();
+    let other = env.client().await.build().unwrap();
+    let guard = holder.try_acquire("long").await.unwrap();
+    for _ in 0..4 {
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        assert!(guard.is_healthy());
+        assert!(other.try_acquire("long").await.unwrap_err().is_held());
+    }
+    assert!(guard.release().await.unwrap());
+    assert!(env.objects().await.is_empty());
+}
+
+/// Someone else overwrites our lock (as an operator breaking it would): the next refresh is
+/// refused, the lost signal fires, and release reports that the lock was not ours.
+pub async fn foreign_takeover_is_signalled(env: &Env) {
+    let holder = env
+        .client()
+        .await
+        .ttl(Duration::from_secs(3))
+        .refresh_interval(Duration::from_secs(1))
+        .build()
+        .unwrap();
+    let guard = holder.try_acquire("stolen").await.unwrap();
+    let lost = guard.lost();
+    let raw = env.backend().await;
+    let name = format!("{}stolen", env.prefix);
+    let state = raw.inspect(&name).await.unwrap().into_value().unwrap();
+    let mut md = Metadata::new();
+    md.insert("owner".into(), "intruder#0".into());
+    md.insert("ttl".into(), "60".into());
+    let stolen = raw
+        .takeover(&name, state.version(), &md)
+        .await
+        .unwrap()
+        .into_value();
+    let started = Instant::now();
+    tokio::time::timeout(Duration::from_secs(3), lost)
+        .await
+        .expect("lost fires within 3 s");
+    assert!(
+        started.elapsed() < Duration::from_millis(1500),
+        "noticed at the next refresh"
+    );
+    assert!(!guard.is_healthy());
+    assert!(
+        !guard.release().await.unwrap(),
+        "release reports the lock was not ours"
+    );
+    // The intruder's lock is untouched.
+    let now = raw.inspect(&name).await.unwrap().into_value().unwrap();
+    assert_eq!(now.version().generation(), stolen.version().generation());
+    raw.release(&name, now.version()).await.unwrap();
+}
+
+/// Dropping a guard releases the lock without any call; shutdown drains.
+pub async fn drop_and_shutdown_release(env: &Env) {
+    let client = env.client().await.build().unwrap();
+    let guard = client.try_acquire("dropped").await.unwrap();
+    drop(guard);
+    let started = Instant::now();
+    while !env.objects().await.is_empty() {
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "drop did not release within 2 s"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let _a = client.try_acquire("s1").await.unwrap();
+    let _b = client.try_acquire("s2").await.unwrap();
+    assert_eq!(client.active_leases(), 2);
+    client.shutdown(Duration::from_secs(5)).await.unwrap();
+    assert!(env.objects().await.is_empty());
+    assert!(matches!(
+        client.try_acquire("s3").await,
+        Err(Error::ShutDown)
+    ));
+}
+
+/// Bad keys are refused before any request.
+pub async fn bad_keys_send_nothing(env: &Env) {
+    let client = env.client().await.build().unwrap();
+    let before = env.requests.as_ref().map(|f| f());
+    for key in ["", "a\nb", ".."] {
+        assert!(
+            matches!(client.try_acquire(key).await, Err(Error::InvalidKey(_))),
+            "{key:?}"
+        );
+    }
+    let long = "k".repeat(1024 - env.prefix.len() + 1);
+    assert!(matches!(
+        client.try_acquire(long.as_str()).await,
+        Err(Error::InvalidKey(_))
+    ));
+    if let Some(before) = before {
+        assert_eq!(env.requests(), before);
+    }
+}
+
+/// A holder that dies (its runtime dropped: no release, no refresh, as with SIGKILL), judged
+/// by contenders whose wall clocks are off by `offsets_s`: none takes over before the
+/// server-judged expiry, all within ttl + date resolution + poll cap + slack.
+pub async fn takeover_after_crash_ignores_client_clocks(env: &Env, offsets_s: &[i64]) {
+    let ttl = Duration::from_secs(2);
+    let mut runs = Vec::new();
+    for (i, offset) in offsets_s.iter().copied().enumerate() {
+        let key = format!("crash-{i}");
+        let skewed = move || shift(SystemTime::now(), offset);
+        // The holder, in a runtime of its own that we then drop.
+        let make = env.make_backend.clone();
+        let prefix = env.prefix.clone();
+        let key2 = key.clone();
+        let acquired_at = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            let at = rt.block_on(async move {
+                let client = Client::builder(make().await)
+                    .prefix(prefix)
+                    .ttl(ttl)
+                    .wall_clock(skewed)
+                    .build()
+                    .unwrap();
+                let sent = Instant::now();
+                let guard = client.try_acquire(key2).await.unwrap();
+                std::mem::forget(guard);
+                sent
+            });
+            drop(rt);
+            at
+        })
+        .join()
+        .unwrap();
+        let contender = env
+            .client()
+            .await
+            .ttl(ttl)
+            .wall_clock(skewed)
+            .poll(Backoff::new(Duration::from_millis(20), Duration::from_millis(250), 2.0).unwrap())
+            .build()
+            .unwrap();
+        runs.push(tokio::spawn(async move {
+            let guard = contender
+                .acquire(key, Instant::now() + Duration::from_secs(20))
+                .await
+                .unwrap();
+            let waited = acquired_at.elapsed();
+            assert!(guard.release().await.unwrap());
+            (offset, waited)
+        }));
+    }
+    for run in runs {
+        let (offset, waited) = run.await.unwrap();
+        assert!(
+            waited >= ttl,
+            "offset {offset}s: taken over after {waited:?}, before the ttl"
+        );
+        assert!(
+            waited
+                <= ttl
+                    + Duration::from_secs(1)
+                    + Duration::from_millis(250)
+                    + Duration::from_secs(1),
+            "offset {offset}s: taken over only after {waited:?}"
+        );
+        eprintln!(
+            "clock offset {offset:+} s: taken over {waited:.2?} after the holder's last write"
+        );
+    }
+    assert!(env.objects().await.is_empty());
+}
+
+fn shift(t: SystemTime, secs: i64) -> SystemTime {
+    if secs >= 0 {
+        t + Duration::from_secs(secs as u64)
+    } else {
+        t - Duration::from_secs(secs.unsigned_abs())
+    }
+}
+
+/// A fast-failing retry policy, for tests that want errors quickly.
+pub fn quick_retry() -> RetryPolicy {
+    RetryPolicy::new(
+        Backoff::new(Duration::from_millis(10), Duration::from_millis(50), 2.0).unwrap(),
+        Duration::from_millis(500),
+    )
+}
