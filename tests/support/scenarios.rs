@@ -335,7 +335,8 @@ pub async fn bad_keys_send_nothing(env: &Env) {
 
 /// A holder that dies (its runtime dropped: no release, no refresh, as with SIGKILL), judged
 /// by contenders whose wall clocks are off by `offsets_s`: none takes over before the
-/// server-judged expiry, all within ttl + date resolution + poll cap + slack.
+/// server-judged expiry, all within ttl + 1 s rule slack + 1 s `Date` resolution + poll cap
+/// (+ 1 s for a loaded machine).
 pub async fn takeover_after_crash_ignores_client_clocks(env: &Env, offsets_s: &[i64]) {
     let ttl = Duration::from_secs(2);
     let mut runs = Vec::new();

@@ -1,0 +1,316 @@
+//! The lock scenarios and the ambiguous-outcome cases on the GCS backend, against the in-repo
+//! fake GCS server over HTTP.
+
+mod support;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use dimutex::Client;
+use dimutex::backend::{Backend, GcsBackend};
+use dimutex::testing::{FakeGcs, Fault, FaultRule};
+use http::Method;
+use support::scenarios::{self, Env};
+
+async fn gcs(fake: &FakeGcs) -> GcsBackend {
+    GcsBackend::builder(FakeGcs::DEFAULT_BUCKET)
+        .endpoint(fake.endpoint())
+        .build()
+        .await
+        .unwrap()
+}
+
+fn env(fake: &Arc<FakeGcs>, test: &str) -> Env {
+    let f = fake.clone();
+    let objects = fake.clone();
+    let requests = fake.clone();
+    let clock = fake.clone();
+    Env {
+        make_backend: Arc::new(move || {
+            let f = f.clone();
+            Box::pin(async move { Arc::new(gcs(&f).await) as Arc<dyn Backend> })
+        }),
+        objects: Arc::new(move |prefix| {
+            let names: Vec<String> = objects
+                .object_names(FakeGcs::DEFAULT_BUCKET)
+                .into_iter()
+                .filter(|n| n.starts_with(&prefix))
+                .collect();
+            Box::pin(async move { names })
+        }),
+        requests: Some(Arc::new(move || requests.request_count())),
+        set_server_clock_offset_ms: Some(Arc::new(move |ms| clock.set_clock_offset_ms(ms))),
+        prefix: support::unique_prefix(test),
+    }
+}
+
+async fn fake() -> Arc<FakeGcs> {
+    Arc::new(FakeGcs::start().await.unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t1_mutual_exclusion_one_key() {
+    let fake = fake().await;
+    let started = Instant::now();
+    let r = scenarios::mutual_exclusion(&env(&fake, "t1"), 32, 200, 1).await;
+    eprintln!(
+        "T1 fake GCS: 32 clients x 200 rounds: {} acquisitions, {} held answers, {} overlaps, {} leftovers, {} requests, {:.1?}",
+        r.acquisitions,
+        r.held_answers,
+        r.overlaps,
+        r.leftovers,
+        fake.request_count(),
+        started.elapsed()
+    );
+    assert_eq!(r.overlaps, 0);
+    assert_eq!(r.leftovers, 0);
+    assert!(
+        r.acquisitions >= 100,
+        "too few acquisitions: {}",
+        r.acquisitions
+    );
+    assert!(r.held_answers > 0, "no contention: the test proves nothing");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t2_many_keys() {
+    let fake = fake().await;
+    let r = scenarios::mutual_exclusion(&env(&fake, "t2"), 64, 157, 100).await;
+    eprintln!(
+        "T2 fake GCS: 64 clients, 100 keys, {} operations: {} acquisitions, {} held, {} overlaps, {} leftovers",
+        64 * 157,
+        r.acquisitions,
+        r.held_answers,
+        r.overlaps,
+        r.leftovers
+    );
+    assert_eq!(r.overlaps, 0);
+    assert_eq!(r.leftovers, 0);
+    assert_eq!(r.acquisitions + r.held_answers, 64 * 157);
+}
+
+#[tokio::test]
+async fn waiters_take_turns() {
+    let fake = fake().await;
+    scenarios::waiters_take_turns(&env(&fake, "turns"), 8).await;
+}
+
+#[tokio::test]
+async fn t10_round_trip_budget() {
+    let fake = fake().await;
+    scenarios::round_trip_budget(&env(&fake, "t10")).await;
+}
+
+#[tokio::test]
+async fn refresh_keeps_the_lease() {
+    let fake = fake().await;
+    scenarios::refresh_keeps_the_lease(&env(&fake, "refresh")).await;
+}
+
+#[tokio::test]
+async fn foreign_takeover_is_signalled() {
+    let fake = fake().await;
+    scenarios::foreign_takeover_is_signalled(&env(&fake, "stolen")).await;
+}
+
+#[tokio::test]
+async fn drop_and_shutdown_release() {
+    let fake = fake().await;
+    scenarios::drop_and_shutdown_release(&env(&fake, "drop")).await;
+}
+
+#[tokio::test]
+async fn bad_keys_send_nothing() {
+    let fake = fake().await;
+    scenarios::bad_keys_send_nothing(&env(&fake, "badkeys")).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t7_client_clocks_change_nothing() {
+    let fake = fake().await;
+    scenarios::takeover_after_crash_ignores_client_clocks(&env(&fake, "t7"), &[-300, -30, 30, 300])
+        .await;
+}
+
+#[tokio::test]
+async fn ambiguous_create_is_adopted_by_its_owner() {
+    let fake = fake().await;
+    let client = Client::builder(gcs(&fake).await)
+        .retry(scenarios::quick_retry())
+        .build()
+        .unwrap();
+    fake.inject(FaultRule::new(Fault::CommitThenDrop).with_method(Method::POST));
+    fake.clear_log();
+    let guard = client
+        .try_acquire("ambiguous")
+        .await
+        .expect("our landed create is ours, not a conflict");
+    let log: Vec<_> = fake
+        .requests()
+        .iter()
+        .map(|r| (r.method().clone(), r.status()))
+        .collect();
+    assert_eq!(fake.faults_injected(), 1);
+    assert_eq!(
+        log.iter()
+            .map(|(m, s)| format!("{m} {}", s.map_or("dropped".to_owned(), |s| s.to_string())))
+            .collect::<Vec<_>>(),
+        ["POST dropped", "POST 412", "GET 200"],
+        "create landed (reply dropped), retry 412, inspect finds our owner"
+    );
+    assert!(guard.is_healthy());
+    assert!(guard.release().await.unwrap());
+    assert_eq!(fake.object_count(FakeGcs::DEFAULT_BUCKET), 0);
+}
+
+#[tokio::test]
+async fn ambiguous_create_answered_503_is_adopted() {
+    let fake = fake().await;
+    let client = Client::builder(gcs(&fake).await)
+        .retry(scenarios::quick_retry())
+        .build()
+        .unwrap();
+    fake.inject(FaultRule::new(Fault::CommitThen(503)).with_method(Method::POST));
+    let guard = client.try_acquire("ambiguous-503").await.expect("adopted");
+    assert!(guard.release().await.unwrap());
+    assert_eq!(fake.object_count(FakeGcs::DEFAULT_BUCKET), 0);
+}
+
+#[tokio::test]
+async fn ambiguous_refresh_does_not_lose_the_lease() {
+    let fake = fake().await;
+    let client = Client::builder(gcs(&fake).await)
+        .ttl(Duration::from_secs(3))
+        .refresh_interval(Duration::from_secs(1))
+        .retry(scenarios::quick_retry())
+        .build()
+        .unwrap();
+    let guard = client.try_acquire("ambiguous-refresh").await.unwrap();
+    fake.inject(FaultRule::new(Fault::CommitThenDrop).with_method(Method::PATCH));
+    fake.inject(FaultRule::new(Fault::CommitThen(503)).with_method(Method::PATCH));
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    assert_eq!(fake.faults_injected(), 2, "both refresh faults fired");
+    assert!(
+        guard.is_healthy(),
+        "a refresh that landed is not a lost lease"
+    );
+    assert!(guard.release().await.unwrap());
+    assert_eq!(fake.object_count(FakeGcs::DEFAULT_BUCKET), 0);
+}
+
+#[tokio::test]
+async fn ambiguous_release_still_releases() {
+    let fake = fake().await;
+    let client = Client::builder(gcs(&fake).await)
+        .retry(scenarios::quick_retry())
+        .build()
+        .unwrap();
+    let guard = client.try_acquire("ambiguous-release").await.unwrap();
+    fake.inject(FaultRule::new(Fault::CommitThenDrop).with_method(Method::DELETE));
+    assert!(
+        guard.release().await.unwrap(),
+        "our delete landed; the retry's 404 is ours"
+    );
+    assert_eq!(fake.object_count(FakeGcs::DEFAULT_BUCKET), 0);
+}
+
+#[tokio::test]
+async fn failures_before_commit_are_retried() {
+    let fake = fake().await;
+    let client = Client::builder(gcs(&fake).await)
+        .retry(scenarios::quick_retry())
+        .build()
+        .unwrap();
+    fake.inject(FaultRule::new(Fault::FailBefore(503)).with_method(Method::POST));
+    fake.inject(FaultRule::new(Fault::FailBefore(429)).with_method(Method::POST));
+    let guard = client.try_acquire("retried").await.unwrap();
+    assert_eq!(fake.faults_injected(), 2);
+    assert!(guard.release().await.unwrap());
+}
+
+#[tokio::test]
+async fn a_slow_reply_past_the_timeout_is_resolved() {
+    let fake = fake().await;
+    let client = Client::builder(gcs(&fake).await)
+        .request_timeout(Duration::from_millis(200))
+        .retry(scenarios::quick_retry())
+        .build()
+        .unwrap();
+    fake.inject(
+        FaultRule::new(Fault::CommitThenDelay(Duration::from_millis(600)))
+            .with_method(Method::POST),
+    );
+    let guard = client
+        .try_acquire("slow")
+        .await
+        .expect("the landed create is adopted");
+    assert!(guard.release().await.unwrap());
+    assert_eq!(fake.object_count(FakeGcs::DEFAULT_BUCKET), 0);
+}
+
+#[tokio::test]
+async fn a_down_backend_is_unavailable_not_held() {
+    let fake = fake().await;
+    let client = Client::builder(gcs(&fake).await)
+        .retry(scenarios::quick_retry())
+        .build()
+        .unwrap();
+    fake.set_fault_rate(1.0, vec![Fault::FailBefore(503)], 7);
+    let err = client.try_acquire("down").await.unwrap_err();
+    assert!(matches!(err, dimutex::Error::Unavailable { .. }), "{err:?}");
+    assert!(err.retry_after().is_some());
+    fake.clear_faults();
+    assert_eq!(fake.object_count(FakeGcs::DEFAULT_BUCKET), 0);
+}
+
+#[tokio::test]
+async fn a_missing_bucket_is_a_clear_error() {
+    let fake = fake().await;
+    let backend = GcsBackend::builder("no-such-bucket")
+        .endpoint(fake.endpoint())
+        .build()
+        .await
+        .unwrap();
+    let err = Client::new(backend).try_acquire("k").await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            dimutex::Error::Backend(dimutex::backend::BackendError::BucketNotFound)
+        ),
+        "{err:?}"
+    );
+}
+
+#[tokio::test]
+async fn throttled_release_is_retried_until_it_lands() {
+    let fake = fake().await;
+    fake.set_throttle(true);
+    let client = Client::builder(gcs(&fake).await).build().unwrap();
+    let guard = client.try_acquire("throttled").await.unwrap();
+    // The delete comes within a second of the create: 429, retried with backoff.
+    assert!(guard.release().await.unwrap());
+    assert_eq!(fake.object_count(FakeGcs::DEFAULT_BUCKET), 0);
+    assert!(
+        fake.requests().iter().any(|r| r.status() == Some(429)),
+        "the throttle fired"
+    );
+}
+
+#[tokio::test]
+async fn emulator_host_variable_is_honoured() {
+    // Only this test in this binary touches the variable.
+    let fake = fake().await;
+    let host = fake.endpoint().trim_start_matches("http://").to_owned();
+    // SAFETY-free: std::env::set_var is unsafe in edition 2024 only for threaded readers.
+    unsafe { std::env::set_var("STORAGE_EMULATOR_HOST", &host) };
+    let backend = GcsBackend::builder(FakeGcs::DEFAULT_BUCKET)
+        .build()
+        .await
+        .unwrap();
+    unsafe { std::env::remove_var("STORAGE_EMULATOR_HOST") };
+    assert_eq!(backend.endpoint(), fake.endpoint());
+    assert!(!format!("{backend:?}").contains("Bearer"));
+    let guard = Client::new(backend).try_acquire("via-env").await.unwrap();
+    assert_eq!(fake.object_count(FakeGcs::DEFAULT_BUCKET), 1);
+    assert!(guard.release().await.unwrap());
+}
