@@ -184,10 +184,11 @@ impl GcsBackend {
         &self,
         name: &str,
         request: reqwest::RequestBuilder,
+        missing_metageneration: i64,
     ) -> Result<Reply<ObjectState>, BackendError> {
         let r = self.send(request).await?;
         if r.status.is_success() {
-            let state = parse_object(&r.body)?;
+            let state = parse_object(&r.body, Some(missing_metageneration))?;
             return Ok(Reply::new(state, server_time(&r.headers)));
         }
         Err(r.error(name))
@@ -309,7 +310,7 @@ impl Backend for GcsBackend {
         metadata: &'a Metadata,
     ) -> BoxFuture<'a, Result<Reply<ObjectState>, BackendError>> {
         Box::pin(async move {
-            self.write(name, self.upload(name, metadata, None))
+            self.write(name, self.upload(name, metadata, None), 1)
                 .await
                 .map_err(|e| match e {
                     // On an upload, 404 means the bucket is missing.
@@ -326,7 +327,7 @@ impl Backend for GcsBackend {
         Box::pin(async move {
             let r = self.send(self.http.get(self.object_url(name))).await?;
             if r.status.is_success() {
-                let state = parse_object(&r.body)?;
+                let state = parse_object(&r.body, None)?;
                 return Ok(Reply::new(Some(state), server_time(&r.headers)));
             }
             match r.error(name) {
@@ -343,7 +344,7 @@ impl Backend for GcsBackend {
         metadata: &'a Metadata,
     ) -> BoxFuture<'a, Result<Reply<ObjectState>, BackendError>> {
         Box::pin(async move {
-            self.write(name, self.upload(name, metadata, Some(expected)))
+            self.write(name, self.upload(name, metadata, Some(expected)), 1)
                 .await
         })
     }
@@ -362,7 +363,10 @@ impl Backend for GcsBackend {
                 .query(&preconditions(expected))
                 .header(http::header::CONTENT_TYPE, "application/json")
                 .body(body);
-            self.write(name, request).await
+            // fake-gcs-server 1.54 leaves metageneration out of PATCH replies; a PATCH
+            // increments it by one (documented GCS behaviour).
+            self.write(name, request, expected.metageneration() + 1)
+                .await
         })
     }
 
@@ -475,8 +479,8 @@ fn server_time(headers: &HeaderMap) -> Option<SystemTime> {
 struct ObjectResource {
     #[serde(deserialize_with = "int64")]
     generation: i64,
-    #[serde(deserialize_with = "int64")]
-    metageneration: i64,
+    #[serde(default, deserialize_with = "opt_int64")]
+    metageneration: Option<i64>,
     updated: Option<String>,
     #[serde(default)]
     metadata: Option<Metadata>,
@@ -496,7 +500,17 @@ fn int64<'de, D: serde::Deserializer<'de>>(d: D) -> Result<i64, D::Error> {
     }
 }
 
-fn parse_object(body: &[u8]) -> Result<ObjectState, BackendError> {
+fn opt_int64<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<i64>, D::Error> {
+    int64(d).map(Some)
+}
+
+/// Parses an object resource. GCS always sends `metageneration`; when a server leaves it out,
+/// `missing_metageneration` is what the request implies (1 for a new object, one more than the
+/// precondition for a PATCH), or `None` to refuse the reply.
+fn parse_object(
+    body: &[u8],
+    missing_metageneration: Option<i64>,
+) -> Result<ObjectState, BackendError> {
     let resource: ObjectResource =
         serde_json::from_slice(body).map_err(|e| BackendError::Fatal {
             status: None,
@@ -507,8 +521,15 @@ fn parse_object(body: &[u8]) -> Result<ObjectState, BackendError> {
         .as_deref()
         .and_then(parse_rfc3339)
         .unwrap_or(SystemTime::UNIX_EPOCH);
+    let metageneration = resource
+        .metageneration
+        .or(missing_metageneration)
+        .ok_or_else(|| BackendError::Fatal {
+            status: None,
+            message: "object resource without metageneration".into(),
+        })?;
     Ok(ObjectState::new(
-        Version::new(resource.generation, resource.metageneration),
+        Version::new(resource.generation, metageneration),
         updated,
         resource.metadata.unwrap_or_default(),
     ))
@@ -597,16 +618,23 @@ mod tests {
 
     #[test]
     fn object_resources_parse_strings_and_numbers() {
-        let s = parse_object(br#"{"generation":"1700000000000001","metageneration":"2","updated":"2026-11-26T06:22:41.123Z","metadata":{"ttl":"30"}}"#).unwrap();
+        let s = parse_object(br#"{"generation":"1700000000000001","metageneration":"2","updated":"2026-11-26T06:22:41.123Z","metadata":{"ttl":"30"}}"#, None).unwrap();
         assert_eq!(s.version(), Version::new(1700000000000001, 2));
         assert_eq!(s.metadata().get("ttl").map(String::as_str), Some("30"));
         assert_eq!(
             s.updated(),
             SystemTime::UNIX_EPOCH + Duration::from_millis(1_795_674_161_123)
         );
-        let n = parse_object(br#"{"generation":5,"metageneration":1}"#).unwrap();
+        let n = parse_object(br#"{"generation":5,"metageneration":1}"#, None).unwrap();
         assert_eq!(n.version(), Version::new(5, 1));
-        assert!(parse_object(b"{}").is_err());
+        assert!(parse_object(b"{}", None).is_err());
+        assert!(parse_object(br#"{"generation":5}"#, None).is_err());
+        let patched = parse_object(
+            br#"{"generation":5,"updated":"2026-11-26T06:28:40.9593Z"}"#,
+            Some(3),
+        )
+        .unwrap();
+        assert_eq!(patched.version(), Version::new(5, 3));
     }
 
     #[test]
