@@ -17,7 +17,7 @@ mod memory;
 pub(crate) mod store;
 
 #[cfg(feature = "gcs")]
-pub use gcs::{GcsBackend, GcsBackendBuilder};
+pub use gcs::{GCS_ENDPOINT, GcsBackend, GcsBackendBuilder, GcsConfigError, SCOPE};
 pub use memory::MemoryBackend;
 
 /// A boxed, sendable future, as returned by [`Backend`] methods.
