@@ -62,7 +62,7 @@ pub(crate) fn format_ttl(ttl: Duration) -> String {
 /// Parses a ttl written by [`format_ttl`] (or any non-negative decimal number of seconds).
 pub(crate) fn parse_ttl(s: &str) -> Option<Duration> {
     let secs: f64 = s.trim().parse().ok()?;
-    if !secs.is_finite() || secs < 0.0 || secs > 1e9 {
+    if !secs.is_finite() || !(0.0..=1e9).contains(&secs) {
         return None;
     }
     Some(Duration::from_secs_f64(secs))
