@@ -205,7 +205,7 @@ impl BackendError {
 /// retry. Implementations map HTTP 412 to [`BackendError::PreconditionFailed`], a missing object
 /// to [`BackendError::NotFound`], and failures worth retrying to [`BackendError::Transient`].
 ///
-/// The crate ships [`GcsBackend`](crate::backend::GcsBackend) (feature `gcs`) and
+/// The crate ships [`GcsBackend`] (feature `gcs`) and
 /// [`MemoryBackend`]; implement this trait to put locks elsewhere.
 ///
 /// ```
