@@ -78,6 +78,7 @@ async fn t1_mutual_exclusion_on_fake_gcs_server() {
         started.elapsed()
     );
     assert_eq!(r.overlaps, 0);
+    assert_eq!(r.releases_not_ours, 0);
     assert_eq!(r.leftovers, 0);
     assert!(
         r.acquisitions >= 100,
@@ -155,6 +156,7 @@ async fn external_target_runs_the_scenarios() {
         r.acquisitions, r.overlaps, r.leftovers
     );
     assert_eq!(r.overlaps, 0);
+    assert_eq!(r.releases_not_ours, 0);
     assert_eq!(r.leftovers, 0);
     scenarios::refresh_keeps_the_lease(&env).await;
     scenarios::drop_and_shutdown_release(&env).await;

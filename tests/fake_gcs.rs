@@ -63,6 +63,7 @@ async fn t1_mutual_exclusion_one_key() {
         started.elapsed()
     );
     assert_eq!(r.overlaps, 0);
+    assert_eq!(r.releases_not_ours, 0);
     assert_eq!(r.leftovers, 0);
     assert!(
         r.acquisitions >= 100,
@@ -85,6 +86,7 @@ async fn t2_many_keys() {
         r.leftovers
     );
     assert_eq!(r.overlaps, 0);
+    assert_eq!(r.releases_not_ours, 0);
     assert_eq!(r.leftovers, 0);
     assert_eq!(r.acquisitions + r.held_answers, 64 * 157);
 }

@@ -40,6 +40,7 @@ async fn t1_mutual_exclusion_one_key() {
         r.acquisitions, r.held_answers, r.overlaps, r.leftovers
     );
     assert_eq!(r.overlaps, 0);
+    assert_eq!(r.releases_not_ours, 0);
     assert_eq!(r.leftovers, 0);
     assert!(
         r.acquisitions >= 100,
@@ -58,6 +59,7 @@ async fn t2_many_keys() {
         r.acquisitions, r.held_answers, r.overlaps, r.leftovers
     );
     assert_eq!(r.overlaps, 0);
+    assert_eq!(r.releases_not_ours, 0);
     assert_eq!(r.leftovers, 0);
     assert_eq!(r.acquisitions + r.held_answers, 64 * 157);
 }
@@ -106,4 +108,112 @@ async fn t7_client_clocks_change_nothing() {
         &[-300, -30, 0, 30, 300],
     )
     .await;
+}
+
+/// A backend that ignores preconditions on create (it overwrites a live lock), as a broken
+/// server would: the exclusion checker must catch it. A checker that never fires proves nothing.
+#[derive(Debug, Clone)]
+struct NoPreconditions(MemoryBackend);
+
+impl Backend for NoPreconditions {
+    fn create<'a>(
+        &'a self,
+        name: &'a str,
+        metadata: &'a dimutex::backend::Metadata,
+    ) -> dimutex::backend::BoxFuture<
+        'a,
+        Result<
+            dimutex::backend::Reply<dimutex::backend::ObjectState>,
+            dimutex::backend::BackendError,
+        >,
+    > {
+        Box::pin(async move {
+            loop {
+                match self.0.inspect(name).await?.into_value() {
+                    None => match self.0.create(name, metadata).await {
+                        Err(dimutex::backend::BackendError::PreconditionFailed) => continue,
+                        other => return other,
+                    },
+                    Some(live) => match self.0.takeover(name, live.version(), metadata).await {
+                        Err(
+                            dimutex::backend::BackendError::PreconditionFailed
+                            | dimutex::backend::BackendError::NotFound,
+                        ) => continue,
+                        other => return other,
+                    },
+                }
+            }
+        })
+    }
+    fn inspect<'a>(
+        &'a self,
+        name: &'a str,
+    ) -> dimutex::backend::BoxFuture<
+        'a,
+        Result<
+            dimutex::backend::Reply<Option<dimutex::backend::ObjectState>>,
+            dimutex::backend::BackendError,
+        >,
+    > {
+        self.0.inspect(name)
+    }
+    fn takeover<'a>(
+        &'a self,
+        name: &'a str,
+        expected: dimutex::backend::Version,
+        metadata: &'a dimutex::backend::Metadata,
+    ) -> dimutex::backend::BoxFuture<
+        'a,
+        Result<
+            dimutex::backend::Reply<dimutex::backend::ObjectState>,
+            dimutex::backend::BackendError,
+        >,
+    > {
+        self.0.takeover(name, expected, metadata)
+    }
+    fn refresh<'a>(
+        &'a self,
+        name: &'a str,
+        expected: dimutex::backend::Version,
+        metadata: &'a dimutex::backend::Metadata,
+    ) -> dimutex::backend::BoxFuture<
+        'a,
+        Result<
+            dimutex::backend::Reply<dimutex::backend::ObjectState>,
+            dimutex::backend::BackendError,
+        >,
+    > {
+        self.0.refresh(name, expected, metadata)
+    }
+    fn release<'a>(
+        &'a self,
+        name: &'a str,
+        expected: dimutex::backend::Version,
+    ) -> dimutex::backend::BoxFuture<
+        'a,
+        Result<dimutex::backend::Reply<()>, dimutex::backend::BackendError>,
+    > {
+        self.0.release(name, expected)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn negative_control_checker_catches_a_backend_without_preconditions() {
+    let backend = MemoryBackend::new();
+    let mut env = env(&backend, "negative");
+    let broken = NoPreconditions(backend.clone());
+    env.make_backend = Arc::new(move || {
+        let b = broken.clone();
+        Box::pin(async move { Arc::new(b) as Arc<dyn Backend> })
+    });
+    let r = scenarios::mutual_exclusion(&env, 32, 50, 1).await;
+    eprintln!(
+        "negative control: {} acquisitions, {} overlaps, {} releases found the lock not ours",
+        r.acquisitions, r.overlaps, r.releases_not_ours
+    );
+    assert!(
+        r.overlaps > 0,
+        "the checker saw no overlap on a backend without preconditions"
+    );
+    assert!(r.releases_not_ours > 0);
 }
