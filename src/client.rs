@@ -12,6 +12,7 @@ use crate::error::{ConfigError, Error, ShutdownTimeout};
 use crate::guard::{LeaseShared, LockGuard};
 use crate::key::{self, KeyError, LockKey};
 use crate::lease;
+use crate::local::{self, Local};
 use crate::object::{self, Verdict};
 
 /// A source of wall-clock time.
@@ -46,6 +47,8 @@ pub(crate) struct Inner {
     pub(crate) leases: watch::Sender<usize>,
     /// Set once by [`Client::shutdown`].
     pub(crate) shutdown: watch::Sender<bool>,
+    /// The leases held here and the local queues of waiters.
+    pub(crate) local: Local,
 }
 
 #[derive(Clone)]
@@ -298,6 +301,36 @@ impl Client {
         let cfg = &self.inner.config;
         let backend = &*self.inner.backend;
         let name = key::object_name(&cfg.prefix, &key)?;
+        let local = &self.inner.local;
+        // Waiters of this client queue locally; only the head of the queue talks to the
+        // backend. Fail-fast callers do not queue.
+        let _turn = match contention {
+            Contention::Fail => None,
+            Contention::WaitUntil(deadline) => match local.queue(&name, deadline).await {
+                Some(turn) => Some(turn),
+                None => return Err(self.held_here(&name)),
+            },
+        };
+        // Held by a healthy lease of ours: certainly held, no request needed.
+        while let Some(lease) = local.healthy_holder(&name) {
+            match contention {
+                Contention::Fail => {
+                    return Err(Error::Held {
+                        remaining: Some(local::remaining(&lease, cfg.margin())),
+                    });
+                }
+                Contention::WaitUntil(deadline) => {
+                    if tokio::time::timeout_at(deadline.into(), lease.ended())
+                        .await
+                        .is_err()
+                    {
+                        return Err(Error::Held {
+                            remaining: Some(local::remaining(&lease, cfg.margin())),
+                        });
+                    }
+                }
+            }
+        }
         let owner = new_owner(&cfg.identity);
         let key_id = crate::key_id(&key);
         let started = Instant::now();
@@ -374,6 +407,21 @@ impl Client {
                                         remaining: Some(remaining),
                                     });
                                 }
+                                if let Some(lease) = local.healthy_holder(&name) {
+                                    // Taken by another task of ours meanwhile: wait for its
+                                    // release instead of polling.
+                                    let ended = lease.ended();
+                                    if tokio::time::timeout_at(deadline.into(), ended)
+                                        .await
+                                        .is_err()
+                                    {
+                                        return Err(Error::Held {
+                                            remaining: Some(local::remaining(&lease, cfg.margin())),
+                                        });
+                                    }
+                                    step = Step::Create;
+                                    continue;
+                                }
                                 let delay = polls.next_delay().min(deadline - now);
                                 tokio::time::sleep(delay).await;
                                 if *self.inner.shutdown.borrow() {
@@ -385,6 +433,16 @@ impl Client {
                 }
             }
         }
+    }
+
+    /// "Held" for a waiter whose deadline passed in the local queue.
+    fn held_here(&self, name: &str) -> Error {
+        let remaining = self
+            .inner
+            .local
+            .healthy_holder(name)
+            .map(|lease| local::remaining(&lease, self.inner.config.margin()));
+        Error::Held { remaining }
     }
 
     /// Turns a backend error that ends an acquisition into the client's error.
@@ -409,6 +467,7 @@ impl Client {
             lost_rx,
             sent + cfg.ttl - cfg.margin(),
         ));
+        self.inner.local.insert(&name, shared.clone());
         let counted = lease::Counted::new(self.inner.clone());
         tokio::spawn(lease::run(lease::Lease {
             client: counted,
@@ -674,6 +733,7 @@ impl ClientBuilder {
                 config,
                 leases: watch::Sender::new(0),
                 shutdown: watch::Sender::new(false),
+                local: Local::default(),
             }),
         })
     }

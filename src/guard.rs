@@ -91,6 +91,19 @@ impl LeaseShared {
     pub(crate) fn key(&self) -> &LockKey {
         &self.key
     }
+
+    /// Not lost, and the local deadline not passed.
+    pub(crate) fn is_healthy(&self) -> bool {
+        !*self.lost.borrow() && Instant::now() < self.deadline()
+    }
+
+    /// Resolves when the lease is lost or has ended.
+    pub(crate) fn ended(&self) -> impl Future<Output = ()> + Send + Sync + 'static {
+        let mut rx = self.lost.clone();
+        async move {
+            let _ = rx.wait_for(|lost| *lost).await;
+        }
+    }
 }
 
 /// A held lock. Dropping it releases the lock in the background.
@@ -172,7 +185,7 @@ impl LockGuard {
     /// # Ok(()) }
     /// ```
     pub fn is_healthy(&self) -> bool {
-        !*self.shared.lost.borrow() && Instant::now() < self.shared.deadline()
+        self.shared.is_healthy()
     }
 
     /// A future that resolves when the lease is lost (or has ended). It does not borrow the
@@ -188,11 +201,8 @@ impl LockGuard {
     /// # Ok(()) }
     /// ```
     pub fn lost(&self) -> Lost {
-        let mut rx = self.shared.lost.clone();
         Lost {
-            inner: Box::pin(async move {
-                let _ = rx.wait_for(|lost| *lost).await;
-            }),
+            inner: Box::pin(self.shared.ended()),
         }
     }
 

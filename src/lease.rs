@@ -109,6 +109,7 @@ pub(crate) async fn run(mut lease: Lease) {
             tracing::warn!(target: "dimutex", key_id, error = %e, "release failed; the lease will expire")
         }
     }
+    inner.local.remove(&lease.name, &lease.shared);
     lease.lost.send_replace(true);
     if let Some(reply) = reply {
         let _ = reply.send(result);

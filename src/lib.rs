@@ -41,6 +41,7 @@ mod error;
 mod guard;
 mod key;
 mod lease;
+mod local;
 mod object;
 #[cfg(feature = "testing")]
 pub mod testing;

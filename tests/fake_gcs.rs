@@ -316,3 +316,9 @@ async fn emulator_host_variable_is_honoured() {
     assert_eq!(fake.object_count(FakeGcs::DEFAULT_BUCKET), 1);
     assert!(guard.release().await.unwrap());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn held_here_is_known_locally() {
+    let backend = fake().await;
+    scenarios::held_here_is_known_locally(&env(&backend, "local")).await;
+}

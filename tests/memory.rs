@@ -217,3 +217,9 @@ async fn negative_control_checker_catches_a_backend_without_preconditions() {
     );
     assert!(r.releases_not_ours > 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn held_here_is_known_locally() {
+    let backend = MemoryBackend::new();
+    scenarios::held_here_is_known_locally(&env(&backend, "local")).await;
+}

@@ -427,3 +427,59 @@ pub fn quick_retry() -> RetryPolicy {
         Duration::from_millis(500),
     )
 }
+
+/// The local fast path: a key held by this client is answered "held" with no request, and a
+/// waiter of this client gets the lock as soon as the release completes, without polling.
+pub async fn held_here_is_known_locally(env: &Env) {
+    let client = env.client().await.build().unwrap();
+    let guard = client.try_acquire("local").await.unwrap();
+    let before = env.requests();
+    for _ in 0..100 {
+        let err = client.try_acquire("local").await.unwrap_err();
+        assert!(err.is_held());
+        assert!(err.retry_after().unwrap() > Duration::from_secs(20));
+    }
+    assert_eq!(env.requests(), before, "a key held here costs no request");
+
+    let waiters: Vec<_> = (0..4)
+        .map(|_| {
+            let client = client.clone();
+            tokio::spawn(async move {
+                let g = client
+                    .acquire("local", Instant::now() + Duration::from_secs(10))
+                    .await
+                    .unwrap();
+                let got = Instant::now();
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                assert!(g.release().await.unwrap());
+                got
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        env.requests(),
+        before,
+        "local waiters do not poll the backend"
+    );
+    let released = Instant::now();
+    assert!(guard.release().await.unwrap());
+    let mut handovers = Vec::new();
+    for w in waiters {
+        handovers.push(w.await.unwrap());
+    }
+    handovers.sort();
+    let first = handovers[0].duration_since(released);
+    eprintln!("local hand-over: first waiter had the lock {first:?} after release() was called");
+    assert!(
+        first < Duration::from_millis(500),
+        "hand-over took {first:?}"
+    );
+    // Each hand-over: the holder's delete and the next waiter's create; nothing else.
+    assert_eq!(
+        env.requests() - before,
+        2 * 5 - 1,
+        "requests for 1 release + 4 (acquire, release)"
+    );
+    assert!(env.objects().await.is_empty());
+}

@@ -1,0 +1,86 @@
+//! What this process already knows: the leases its client holds, and the queue of its own
+//! waiters per key.
+//!
+//! A key held by a healthy lease of this client is certainly held: answering "held" needs no
+//! request. Waiters of this client for one key queue here (first come, first served) so that
+//! only the head of the queue talks to the backend, and it is woken the moment the local
+//! holder's release completes instead of polling.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::guard::LeaseShared;
+
+#[derive(Default)]
+pub(crate) struct Local {
+    held: Mutex<HashMap<String, Arc<LeaseShared>>>,
+    queues: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+/// A place at the head of one key's local queue; leaving it lets the next waiter in.
+pub(crate) struct QueueTurn<'a> {
+    local: &'a Local,
+    name: String,
+    queue: Arc<tokio::sync::Mutex<()>>,
+    _turn: Option<tokio::sync::OwnedMutexGuard<()>>,
+}
+
+impl Local {
+    /// The lease of this client that holds `name`, if it is healthy.
+    pub(crate) fn healthy_holder(&self, name: &str) -> Option<Arc<LeaseShared>> {
+        let held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        held.get(name).filter(|s| s.is_healthy()).cloned()
+    }
+
+    pub(crate) fn insert(&self, name: &str, lease: Arc<LeaseShared>) {
+        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        held.insert(name.to_owned(), lease);
+    }
+
+    /// Forgets `lease` (and only it: a newer lease of the same name stays).
+    pub(crate) fn remove(&self, name: &str, lease: &Arc<LeaseShared>) {
+        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        if held.get(name).is_some_and(|s| Arc::ptr_eq(s, lease)) {
+            held.remove(name);
+        }
+    }
+
+    /// Waits (until `deadline`) for the head of `name`'s local queue. `None` at the deadline.
+    pub(crate) async fn queue(&self, name: &str, deadline: Instant) -> Option<QueueTurn<'_>> {
+        let queue = {
+            let mut queues = self.queues.lock().unwrap_or_else(|e| e.into_inner());
+            queues.entry(name.to_owned()).or_default().clone()
+        };
+        let mut turn = QueueTurn {
+            local: self,
+            name: name.to_owned(),
+            queue: queue.clone(),
+            _turn: None,
+        };
+        match tokio::time::timeout_at(deadline.into(), queue.lock_owned()).await {
+            Ok(guard) => {
+                turn._turn = Some(guard);
+                Some(turn)
+            }
+            Err(_) => None,
+        }
+    }
+}
+
+impl Drop for QueueTurn<'_> {
+    fn drop(&mut self) {
+        self._turn = None;
+        // The map's entry, this turn's and nobody else's: the queue is empty.
+        let mut queues = self.local.queues.lock().unwrap_or_else(|e| e.into_inner());
+        if Arc::strong_count(&self.queue) == 2 {
+            queues.remove(&self.name);
+        }
+    }
+}
+
+/// The longest the server may still see a local lease as live: until its local deadline,
+/// plus the margin, plus the expiry rule's second.
+pub(crate) fn remaining(lease: &LeaseShared, margin: Duration) -> Duration {
+    lease.deadline().saturating_duration_since(Instant::now()) + margin + Duration::from_secs(1)
+}
