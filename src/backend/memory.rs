@@ -107,6 +107,10 @@ impl MemoryBackend {
         match e {
             StoreError::NotFound => BackendError::NotFound,
             StoreError::PreconditionFailed => BackendError::PreconditionFailed,
+            StoreError::NotModified => BackendError::Fatal {
+                status: Some(304),
+                message: "not modified".into(),
+            },
             StoreError::RateLimited => BackendError::Transient {
                 status: Some(429),
                 retry_after: None,

@@ -40,6 +40,8 @@ pub(crate) struct StoredObject {
 pub(crate) enum StoreError {
     NotFound,
     PreconditionFailed,
+    /// A read's `if*NotMatch` precondition failed (HTTP 304).
+    NotModified,
     RateLimited,
 }
 
@@ -65,10 +67,6 @@ pub(crate) struct Store {
 pub(crate) const MUTATION_SPACING: Duration = Duration::from_secs(1);
 
 impl Store {
-    pub fn new() -> Self {
-        Self::default()
-    }
-
     pub fn set_throttle(&self, on: bool) {
         self.throttle.store(on, Ordering::Relaxed);
     }
@@ -91,6 +89,25 @@ impl Store {
     pub fn get(&self, name: &str) -> Result<StoredObject, StoreError> {
         let inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         inner.objects.get(name).cloned().ok_or(StoreError::NotFound)
+    }
+
+    /// Reads an object under preconditions, as GCS does for GET: a failed `if*Match` is 412,
+    /// a failed `if*NotMatch` is 304.
+    pub fn get_checked(&self, name: &str, pre: Preconditions) -> Result<StoredObject, StoreError> {
+        let object = self.get(name)?;
+        let matches = Preconditions {
+            if_generation_not_match: None,
+            if_metageneration_not_match: None,
+            ..pre
+        };
+        check(Some(&object), matches, false)?;
+        let not_matches = Preconditions {
+            if_generation_match: None,
+            if_metageneration_match: None,
+            ..pre
+        };
+        check(Some(&object), not_matches, false).map_err(|_| StoreError::NotModified)?;
+        Ok(object)
     }
 
     pub fn list(&self, prefix: &str) -> Vec<StoredObject> {
@@ -257,7 +274,7 @@ mod tests {
 
     #[test]
     fn create_if_absent_then_conflict() {
-        let store = Store::new();
+        let store = Store::default();
         let a = insert(&store, "k", gen_match(0)).unwrap();
         assert_eq!(a.metageneration, 1);
         assert_eq!(
@@ -268,7 +285,7 @@ mod tests {
 
     #[test]
     fn overwrite_gives_new_generation_and_resets_metageneration() {
-        let store = Store::new();
+        let store = Store::default();
         let a = insert(&store, "k", gen_match(0)).unwrap();
         let p = store
             .patch(
@@ -295,7 +312,7 @@ mod tests {
 
     #[test]
     fn stale_metageneration_is_refused() {
-        let store = Store::new();
+        let store = Store::default();
         let a = insert(&store, "k", gen_match(0)).unwrap();
         store.patch("k", vec![], Preconditions::default()).unwrap();
         let stale = Preconditions {
@@ -315,7 +332,7 @@ mod tests {
 
     #[test]
     fn missing_object_is_not_found_for_patch_and_delete() {
-        let store = Store::new();
+        let store = Store::default();
         assert_eq!(store.delete("k", gen_match(3)), Err(StoreError::NotFound));
         assert_eq!(
             store.patch("k", vec![], gen_match(3)),
@@ -328,8 +345,28 @@ mod tests {
     }
 
     #[test]
+    fn reads_honour_preconditions() {
+        let store = Store::default();
+        let a = insert(&store, "k", gen_match(0)).unwrap();
+        assert!(store.get_checked("k", gen_match(a.generation)).is_ok());
+        assert_eq!(
+            store.get_checked("k", gen_match(a.generation + 1)),
+            Err(StoreError::PreconditionFailed)
+        );
+        let not = Preconditions {
+            if_generation_not_match: Some(a.generation),
+            ..Default::default()
+        };
+        assert_eq!(store.get_checked("k", not), Err(StoreError::NotModified));
+        assert_eq!(
+            store.get_checked("absent", gen_match(1)),
+            Err(StoreError::NotFound)
+        );
+    }
+
+    #[test]
     fn throttle_limits_mutations_per_name() {
-        let store = Store::new();
+        let store = Store::default();
         store.set_throttle(true);
         let a = insert(&store, "k", gen_match(0)).unwrap();
         assert_eq!(
@@ -342,7 +379,7 @@ mod tests {
 
     #[test]
     fn patch_merges_and_removes_keys() {
-        let store = Store::new();
+        let store = Store::default();
         let mut md = Metadata::new();
         md.insert("a".into(), "1".into());
         md.insert("b".into(), "2".into());

@@ -216,7 +216,7 @@ impl FakeGcsBuilder {
     pub async fn start(self) -> std::io::Result<FakeGcs> {
         let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await?;
         let addr = listener.local_addr()?;
-        let clock = Store::new();
+        let clock = Store::default();
         clock.set_clock_offset(self.clock_offset_ms);
         let shared = Arc::new(Shared {
             buckets: RwLock::new(HashMap::new()),
@@ -868,6 +868,7 @@ enum Op {
     Get {
         object: String,
         media: bool,
+        pre: Preconditions,
     },
     Insert {
         object: String,
@@ -948,7 +949,7 @@ impl Shared {
     fn create_bucket(&self, name: String) {
         let mut buckets = self.buckets.write().unwrap_or_else(|e| e.into_inner());
         buckets.entry(name).or_insert_with(|| {
-            let store = Store::new();
+            let store = Store::default();
             store.set_throttle(self.throttle.load(Ordering::SeqCst));
             store.set_clock_offset(self.clock_offset_ms.load(Ordering::SeqCst));
             Arc::new(store)
@@ -1113,6 +1114,7 @@ impl Shared {
                 },
                 _ => Op::Get {
                     media: query.get("alt") == Some("media"),
+                    pre: query.preconditions().map_err(ApiError::invalid)?,
                     object,
                 },
             },
@@ -1373,7 +1375,7 @@ fn execute(prepared: Prepared) -> Response<Body> {
             }
             json_response(StatusCode::OK, &Value::Object(list))
         }
-        Op::Get { object, media } => match store.get(&object) {
+        Op::Get { object, media, pre } => match store.get_checked(&object, pre) {
             Ok(o) if media => {
                 media_response(o.data, o.content_type, o.generation, o.metageneration)
             }
@@ -1413,6 +1415,11 @@ fn store_error(error: StoreError, bucket: &str, object: &str) -> Response<Body> 
             412,
             "At least one of the pre-conditions you specified did not hold.",
         ),
+        StoreError::NotModified => {
+            let mut response = Response::new(Body::new(Bytes::new()));
+            *response.status_mut() = StatusCode::NOT_MODIFIED;
+            response
+        }
         StoreError::RateLimited => error_response(
             429,
             &format!(
