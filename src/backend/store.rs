@@ -41,6 +41,7 @@ pub(crate) enum StoreError {
     NotFound,
     PreconditionFailed,
     /// A read's `if*NotMatch` precondition failed (HTTP 304).
+    #[cfg_attr(not(feature = "testing"), allow(dead_code))]
     NotModified,
     RateLimited,
 }
@@ -92,7 +93,8 @@ impl Store {
     }
 
     /// Reads an object under preconditions, as GCS does for GET: a failed `if*Match` is 412,
-    /// a failed `if*NotMatch` is 304.
+    /// a failed `if*NotMatch` is 304. (Only the fake server reads under preconditions.)
+    #[cfg_attr(not(feature = "testing"), allow(dead_code))]
     pub fn get_checked(&self, name: &str, pre: Preconditions) -> Result<StoredObject, StoreError> {
         let object = self.get(name)?;
         let matches = Preconditions {
