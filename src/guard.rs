@@ -188,6 +188,23 @@ impl LockGuard {
         self.shared.is_healthy()
     }
 
+    /// A [`HeldLock`]: a cheap view of this lock (key, token, lost signal) to hand to code
+    /// that does not own the guard.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), dimutex::Error> {
+    /// # let client = dimutex::Client::new(dimutex::backend::MemoryBackend::new());
+    /// let guard = client.try_acquire("k").await?;
+    /// let held = guard.held_lock();
+    /// assert_eq!(held.key(), guard.key());
+    /// # Ok(()) }
+    /// ```
+    pub fn held_lock(&self) -> HeldLock {
+        HeldLock {
+            shared: self.shared.clone(),
+        }
+    }
+
     /// A future that resolves when the lease is lost (or has ended). It does not borrow the
     /// guard, so it can be moved into another task.
     ///
@@ -229,6 +246,94 @@ impl LockGuard {
             return Err(Error::ShutDown);
         }
         rx.await.unwrap_or(Err(Error::ShutDown))
+    }
+}
+
+/// A view of a held lock for code that does not own the guard — a handler behind
+/// [`LockLayer`](crate::layer::LockLayer), say: the key, the fencing token, and the lost-lease
+/// signal. Cheap to clone. It does not keep the lock: the guard does.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), dimutex::Error> {
+/// let client = dimutex::Client::new(dimutex::backend::MemoryBackend::new());
+/// let guard = client.try_acquire("k").await?;
+/// let held = guard.held_lock();
+/// assert_eq!(held.token(), guard.token());
+/// assert!(held.is_healthy());
+/// guard.release().await?;
+/// assert!(!held.is_healthy());
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct HeldLock {
+    shared: std::sync::Arc<LeaseShared>,
+}
+
+impl HeldLock {
+    /// The key.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), dimutex::Error> {
+    /// # let client = dimutex::Client::new(dimutex::backend::MemoryBackend::new());
+    /// let held = client.try_acquire("k").await?.held_lock();
+    /// assert_eq!(held.key().as_str(), "k");
+    /// # Ok(()) }
+    /// ```
+    pub fn key(&self) -> &LockKey {
+        self.shared.key()
+    }
+
+    /// The fencing token of the acquisition.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), dimutex::Error> {
+    /// # let client = dimutex::Client::new(dimutex::backend::MemoryBackend::new());
+    /// let guard = client.try_acquire("k").await?;
+    /// assert_eq!(guard.held_lock().token(), guard.token());
+    /// # Ok(()) }
+    /// ```
+    pub fn token(&self) -> FencingToken {
+        self.shared.token
+    }
+
+    /// Whether the lease is still held and healthy; see [`LockGuard::is_healthy`].
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), dimutex::Error> {
+    /// # let client = dimutex::Client::new(dimutex::backend::MemoryBackend::new());
+    /// let guard = client.try_acquire("k").await?;
+    /// assert!(guard.held_lock().is_healthy());
+    /// # Ok(()) }
+    /// ```
+    pub fn is_healthy(&self) -> bool {
+        self.shared.is_healthy()
+    }
+
+    /// Resolves when the lease is lost or has ended; see [`LockGuard::lost`].
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), dimutex::Error> {
+    /// # let client = dimutex::Client::new(dimutex::backend::MemoryBackend::new());
+    /// let guard = client.try_acquire("k").await?;
+    /// let lost = guard.held_lock().lost();
+    /// drop(guard);
+    /// lost.await;
+    /// # Ok(()) }
+    /// ```
+    pub fn lost(&self) -> Lost {
+        Lost {
+            inner: Box::pin(self.shared.ended()),
+        }
+    }
+}
+
+impl fmt::Debug for HeldLock {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HeldLock")
+            .field("key", self.key())
+            .field("token", &self.token())
+            .field("healthy", &self.is_healthy())
+            .finish()
     }
 }
 

@@ -28,6 +28,8 @@
 //!
 //! # Features
 //! - `gcs` (default): [`backend::GcsBackend`], the GCS JSON API over `reqwest` + `gcp_auth`.
+//! - `axum`: [`extract::Lock`] and the [`HeldLock`] extractor, and
+//!   [`layer::FromPathParam`].
 //! - `testing`: [`testing::FakeGcs`], an in-process HTTP fake of the GCS JSON API with fault
 //!   injection, for tests and benchmarks.
 #![cfg_attr(docsrs, feature(doc_auto_cfg))]
@@ -38,8 +40,11 @@ pub mod backend;
 mod backoff;
 mod client;
 mod error;
+#[cfg(feature = "axum")]
+pub mod extract;
 mod guard;
 mod key;
+pub mod layer;
 mod lease;
 mod local;
 mod object;
@@ -49,7 +54,7 @@ pub mod testing;
 pub use backoff::{Backoff, RetryPolicy};
 pub use client::{Client, ClientBuilder, MIN_REFRESH_INTERVAL, MIN_TTL, WallClock};
 pub use error::{ConfigError, Error, ShutdownTimeout};
-pub use guard::{FencingToken, LockGuard, Lost};
+pub use guard::{FencingToken, HeldLock, LockGuard, Lost};
 pub use key::{KeyError, LockKey, MAX_OBJECT_NAME_LEN};
 
 /// A short, stable digest of a key for logs, so raw keys never appear above DEBUG.

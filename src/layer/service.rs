@@ -1,0 +1,125 @@
+//! [`LockService`]: the middleware itself.
+
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use http::{Request, Response};
+use tower_service::Service;
+
+use super::body::LockBody;
+use super::future::ResponseFuture;
+use super::key::KeyExtractor;
+use super::layer::LockLayer;
+use super::rejection::{OnRejection, Rejection};
+
+/// The service made by [`LockLayer`]; see the [module docs](super).
+///
+/// ```
+/// use dimutex::{Client, backend::MemoryBackend, layer::{FromHeader, LockLayer}};
+/// use tower::Layer;
+/// let layer = LockLayer::new(Client::new(MemoryBackend::new()), FromHeader::new("x-job"));
+/// let service = layer.layer(tower::service_fn(|_: http::Request<()>| async {
+///     Ok::<_, std::convert::Infallible>(http::Response::new(String::new()))
+/// }));
+/// ```
+#[derive(Debug, Clone)]
+pub struct LockService<S, K, R> {
+    inner: S,
+    layer: LockLayer<K, R>,
+}
+
+impl<S, K, R> LockService<S, K, R> {
+    pub(crate) fn new(inner: S, layer: LockLayer<K, R>) -> Self {
+        Self { inner, layer }
+    }
+
+    /// The inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The inner service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// Consumes the middleware, giving the inner service.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+impl<S, K, R, ReqBody, ResBody> Service<Request<ReqBody>> for LockService<S, K, R>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone + Send + 'static,
+    S::Future: Send,
+    K: KeyExtractor,
+    R: OnRejection,
+    ReqBody: Send + 'static,
+{
+    type Response = Response<LockBody<ResBody>>;
+    type Error = S::Error;
+    type Future = ResponseFuture<S, ReqBody, R>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
+        // The instance that was polled ready serves this request; a clone takes its place.
+        let clone = self.inner.clone();
+        let inner = std::mem::replace(&mut self.inner, clone);
+        let (parts, body) = request.into_parts();
+        let key = match self.layer.extractor.extract(&parts) {
+            Ok(Some(key)) => key,
+            Ok(None) => {
+                let mut inner = inner;
+                return ResponseFuture::call(
+                    inner.call(Request::from_parts(parts, body)),
+                    None,
+                    false,
+                );
+            }
+            Err(rejection) => {
+                tracing::debug!(target: "dimutex::layer", reason = %rejection, "bad lock key: 400");
+                let rejection = Rejection::BadKey(rejection);
+                return ResponseFuture::reject(self.layer.on_rejection.response(&rejection));
+            }
+        };
+        let client = self.layer.client.clone();
+        let wait = self.layer.settings.wait;
+        let key_id = crate::key_id(&key);
+        let acquire = Box::pin(async move {
+            let started = Instant::now();
+            let result = match wait {
+                None => client.try_acquire(key).await,
+                Some(wait) => client.acquire(key, Instant::now() + wait).await,
+            };
+            let outcome = match &result {
+                Ok(_) => "acquired",
+                Err(e) if e.is_held() => "held",
+                Err(_) => "failed",
+            };
+            tracing::debug!(
+                target: "dimutex::layer",
+                key_id,
+                outcome,
+                elapsed_us = started.elapsed().as_micros() as u64,
+                "lock for request"
+            );
+            if let Err(e) = &result {
+                if !e.is_held() {
+                    tracing::warn!(target: "dimutex::layer", key_id, error = %e, "lock backend failed");
+                }
+            }
+            result
+        });
+        ResponseFuture::acquire(
+            acquire,
+            Request::from_parts(parts, body),
+            inner,
+            self.layer.on_rejection.clone(),
+            self.layer.settings,
+        )
+    }
+}
