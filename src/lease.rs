@@ -173,7 +173,12 @@ async fn release(inner: &Inner, lease: &Lease, gone: bool) -> Result<bool, Error
     let backend = &*inner.backend;
     let name = lease.name.as_str();
     let version = lease.version;
-    let a = inner.call(|| backend.release(name, version), None).await;
+    // Keep trying while the lease is ours (a delete right after the create meets GCS's
+    // one-mutation-per-second limit); after that, expiry frees the lock anyway.
+    let give_up = (Instant::now() + inner.config.retry.max_elapsed()).max(lease.shared.deadline());
+    let a = inner
+        .call(|| backend.release(name, version), Some(give_up))
+        .await;
     match a.result {
         Ok(_) => Ok(true),
         // Gone: if an earlier attempt of ours may have landed, it was our delete.
