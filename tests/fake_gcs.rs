@@ -322,3 +322,41 @@ async fn held_here_is_known_locally() {
     let backend = fake().await;
     scenarios::held_here_is_known_locally(&env(&backend, "local")).await;
 }
+
+/// A waiter in another process polls with reads and never repeats the create.
+#[tokio::test]
+async fn waiters_poll_with_reads_not_creates() {
+    let fake = fake().await;
+    let holder = Client::new(gcs(&fake).await);
+    let waiter = Client::new(gcs(&fake).await);
+    let guard = holder.try_acquire("polled").await.unwrap();
+    fake.clear_log();
+    let wait = tokio::spawn(async move {
+        waiter
+            .acquire("polled", Instant::now() + Duration::from_secs(10))
+            .await
+            .map(|g| (g, waiter))
+    });
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(guard.release().await.unwrap());
+    let (g, _waiter) = wait.await.unwrap().unwrap();
+    let log = fake.requests();
+    let count = |m: Method| log.iter().filter(|r| *r.method() == m).count();
+    eprintln!(
+        "waiting 1.5 s: {} POST, {} GET, {} DELETE",
+        count(Method::POST),
+        count(Method::GET),
+        count(Method::DELETE)
+    );
+    assert_eq!(
+        count(Method::POST),
+        2,
+        "one create while held, one after the release"
+    );
+    assert!(count(Method::GET) >= 2, "the waiter polled with reads");
+    assert!(
+        count(Method::GET) <= 20,
+        "poll backoff grows (50 ms .. 1 s)"
+    );
+    assert!(g.release().await.unwrap());
+}
