@@ -37,6 +37,10 @@ pub(crate) type ReleaseRequest = Option<oneshot::Sender<Result<bool, Error>>>;
 pub struct FencingToken(i64);
 
 impl FencingToken {
+    pub(crate) fn from_generation(generation: i64) -> Self {
+        Self(generation)
+    }
+
     /// The object generation.
     ///
     /// ```

@@ -43,6 +43,7 @@ mod error;
 #[cfg(feature = "axum")]
 pub mod extract;
 mod guard;
+mod inspect;
 mod key;
 pub mod layer;
 mod lease;
@@ -55,6 +56,7 @@ pub use backoff::{Backoff, RetryPolicy};
 pub use client::{Client, ClientBuilder, MIN_REFRESH_INTERVAL, MIN_TTL, WallClock};
 pub use error::{ConfigError, Error, ShutdownTimeout};
 pub use guard::{FencingToken, HeldLock, LockGuard, Lost};
+pub use inspect::LockStatus;
 pub use key::{KeyError, LockKey, MAX_OBJECT_NAME_LEN};
 
 /// A short, stable digest of a key for logs, so raw keys never appear above DEBUG.

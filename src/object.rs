@@ -98,20 +98,39 @@ pub(crate) enum Verdict {
     Held { remaining: Duration },
 }
 
+/// Where a lock's expiry comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ExpirySource {
+    /// Our own lock: `updated` + `ttl` (+ 1 s), server time.
+    Ttl,
+    /// A Python `dimutex` lock: its `expires` + skew allowance.
+    Expires,
+    /// Neither readable: `updated` + the configured ttl (+ 1 s).
+    Fallback,
+}
+
+/// The time (server clock) after which a lock object counts as expired.
+pub(crate) fn lease_end(state: &ObjectState, fallback_ttl: Duration) -> (SystemTime, ExpirySource) {
+    let md = state.metadata();
+    if let Some(ttl) = md.get(TTL).and_then(|s| parse_ttl(s)) {
+        (state.updated() + ttl + DATE_RESOLUTION, ExpirySource::Ttl)
+    } else if let Some(expires) = md.get(EXPIRES).and_then(|s| parse_expires(s)) {
+        (expires + FOREIGN_SKEW, ExpirySource::Expires)
+    } else {
+        (
+            state.updated() + fallback_ttl + DATE_RESOLUTION,
+            ExpirySource::Fallback,
+        )
+    }
+}
+
 /// Judges whether a lock object has expired at `server_now` (the response's `Date`).
 pub(crate) fn judge(
     state: &ObjectState,
     server_now: SystemTime,
     fallback_ttl: Duration,
 ) -> Verdict {
-    let md = state.metadata();
-    let end = if let Some(ttl) = md.get(TTL).and_then(|s| parse_ttl(s)) {
-        state.updated() + ttl + DATE_RESOLUTION
-    } else if let Some(expires) = md.get(EXPIRES).and_then(|s| parse_expires(s)) {
-        expires + FOREIGN_SKEW
-    } else {
-        state.updated() + fallback_ttl + DATE_RESOLUTION
-    };
+    let (end, _) = lease_end(state, fallback_ttl);
     match end.duration_since(server_now) {
         Ok(remaining) if !remaining.is_zero() => Verdict::Held { remaining },
         _ => Verdict::Expired,

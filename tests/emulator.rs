@@ -161,3 +161,9 @@ async fn external_target_runs_the_scenarios() {
     scenarios::refresh_keeps_the_lease(&env).await;
     scenarios::drop_and_shutdown_release(&env).await;
 }
+
+#[tokio::test]
+async fn status_and_force_release_on_fake_gcs_server() {
+    let server = FakeGcsServer::start().await;
+    scenarios::status_and_force_release(&env(server.endpoint(), server.bucket(), "ops")).await;
+}

@@ -360,3 +360,9 @@ async fn waiters_poll_with_reads_not_creates() {
     );
     assert!(g.release().await.unwrap());
 }
+
+#[tokio::test]
+async fn status_and_force_release() {
+    let backend = fake().await;
+    scenarios::status_and_force_release(&env(&backend, "ops")).await;
+}

@@ -223,3 +223,9 @@ async fn held_here_is_known_locally() {
     let backend = MemoryBackend::new();
     scenarios::held_here_is_known_locally(&env(&backend, "local")).await;
 }
+
+#[tokio::test]
+async fn status_and_force_release() {
+    let backend = MemoryBackend::new();
+    scenarios::status_and_force_release(&env(&backend, "ops")).await;
+}

@@ -482,6 +482,7 @@ struct ObjectResource {
     #[serde(default, deserialize_with = "opt_int64")]
     metageneration: Option<i64>,
     updated: Option<String>,
+    time_created: Option<String>,
     #[serde(default)]
     metadata: Option<Metadata>,
 }
@@ -528,11 +529,17 @@ fn parse_object(
             status: None,
             message: "object resource without metageneration".into(),
         })?;
-    Ok(ObjectState::new(
+    let state = ObjectState::new(
         Version::new(resource.generation, metageneration),
         updated,
         resource.metadata.unwrap_or_default(),
-    ))
+    );
+    Ok(
+        match resource.time_created.as_deref().and_then(parse_rfc3339) {
+            Some(created) => state.with_created(created),
+            None => state,
+        },
+    )
 }
 
 fn parse_rfc3339(s: &str) -> Option<SystemTime> {

@@ -127,6 +127,7 @@ fn state(o: StoredObject) -> ObjectState {
         o.updated,
         o.metadata,
     )
+    .with_created(o.created)
 }
 
 fn matching(expected: Version) -> Preconditions {

@@ -76,6 +76,7 @@ impl Version {
 pub struct ObjectState {
     version: Version,
     updated: SystemTime,
+    created: Option<SystemTime>,
     metadata: Metadata,
 }
 
@@ -85,8 +86,28 @@ impl ObjectState {
         Self {
             version,
             updated,
+            created: None,
             metadata,
         }
+    }
+
+    /// Records when this generation was created (`timeCreated`).
+    ///
+    /// ```
+    /// use dimutex::backend::{ObjectState, Version};
+    /// use std::time::SystemTime;
+    /// let s = ObjectState::new(Version::new(5, 1), SystemTime::UNIX_EPOCH, Default::default())
+    ///     .with_created(SystemTime::UNIX_EPOCH);
+    /// assert_eq!(s.created(), Some(SystemTime::UNIX_EPOCH));
+    /// ```
+    pub fn with_created(mut self, created: SystemTime) -> Self {
+        self.created = Some(created);
+        self
+    }
+
+    /// When this generation was created (`timeCreated`), if the server said.
+    pub fn created(&self) -> Option<SystemTime> {
+        self.created
     }
 
     /// Generation and metageneration.

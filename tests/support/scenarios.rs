@@ -483,3 +483,60 @@ pub async fn held_here_is_known_locally(env: &Env) {
     );
     assert!(env.objects().await.is_empty());
 }
+
+/// Operators: `status` shows the holder without its nonce; `force_release` with a stale token
+/// deletes nothing, with the right token breaks the lock, and the holder learns it is lost.
+pub async fn status_and_force_release(env: &Env) {
+    let holder = env
+        .client()
+        .await
+        .identity("worker-7")
+        .ttl(Duration::from_secs(3))
+        .refresh_interval(Duration::from_secs(1))
+        .build()
+        .unwrap();
+    let operator = env.client().await.build().unwrap();
+    assert!(operator.status("ops").await.unwrap().is_none());
+    let guard = holder.try_acquire("ops").await.unwrap();
+    let status = operator.status("ops").await.unwrap().expect("held");
+    assert_eq!(status.owner(), Some("worker-7"));
+    assert_eq!(status.token(), guard.token());
+    assert!(status.is_live());
+    // ttl 3 s + 1 s rule slack, + up to 1 s of `Date` resolution.
+    let remaining = status.remaining();
+    assert!(
+        remaining <= Duration::from_secs(5) && remaining >= Duration::from_secs(2),
+        "{remaining:?}"
+    );
+    assert!(!status.written_by_python());
+    if let Some(since) = status.since() {
+        assert!(since <= status.server_time() + Duration::from_secs(1));
+    }
+
+    let other = holder.try_acquire("elsewhere").await.unwrap();
+    assert!(
+        !operator
+            .force_release("ops", Some(other.token()))
+            .await
+            .unwrap(),
+        "wrong token"
+    );
+    assert!(guard.is_healthy());
+    let lost = guard.lost();
+    assert!(
+        operator
+            .force_release("ops", Some(guard.token()))
+            .await
+            .unwrap()
+    );
+    tokio::time::timeout(Duration::from_secs(3), lost)
+        .await
+        .expect("the holder learns");
+    assert!(!guard.release().await.unwrap());
+    assert!(
+        !operator.force_release("ops", None).await.unwrap(),
+        "nothing left to break"
+    );
+    assert!(other.release().await.unwrap());
+    assert!(env.objects().await.is_empty());
+}
