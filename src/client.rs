@@ -110,7 +110,8 @@ pub(crate) struct Attempted<T> {
 }
 
 /// In try mode, how many times the lock may vanish between our create and our inspect
-/// before we report it as held (a hot key changing hands under us).
+/// before we report it as held (a hot key changing hands under us). In wait mode the
+/// deadline bounds this.
 const TRY_ROUNDS: usize = 4;
 
 impl Client {
@@ -376,7 +377,11 @@ impl Client {
                     let server_now = reply.server_time().unwrap_or_else(SystemTime::now);
                     let Some(state) = reply.into_value() else {
                         rounds += 1;
-                        if matches!(contention, Contention::Fail) && rounds >= TRY_ROUNDS {
+                        let give_up = match contention {
+                            Contention::Fail => rounds >= TRY_ROUNDS,
+                            Contention::WaitUntil(deadline) => Instant::now() >= deadline,
+                        };
+                        if give_up {
                             return Err(Error::Held { remaining: None });
                         }
                         step = Step::Create;
