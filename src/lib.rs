@@ -66,3 +66,8 @@ pub(crate) fn key_id(key: &LockKey) -> u64 {
     key.as_str().hash(&mut h);
     h.finish() & 0xffff_ffff
 }
+
+/// The README's code blocks, compiled as doctests.
+#[cfg(all(doctest, feature = "axum", feature = "gcs"))]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;
