@@ -1,0 +1,103 @@
+//! A webhook receiver that processes each delivery at most once at a time: the lock is named by
+//! the `X-Delivery-Id` header ([`FromHeader`]), so a redelivery that arrives while the first
+//! attempt is still running gets `409 Conflict` (with `Retry-After`) and the sender retries
+//! later, instead of both attempts running side by side.
+//!
+//! `POST /webhooks?hold_ms=N` with header `X-Delivery-Id` "processes" the payload for `N`
+//! milliseconds (default 0, capped at 60000) and answers
+//! `200 {"delivery_id": "...", "token": 1234, "bytes": LEN}` (`token` is the fencing token, a
+//! JSON integer). Without the header the layer answers 400. `GET /healthz` answers 200.
+//!
+//! The lock keeps two attempts from overlapping; it does not remember finished deliveries. To
+//! skip a redelivery that arrives *after* the first attempt succeeded, record processed ids in
+//! your own store (writing the fencing token with them).
+//!
+//! ```sh
+//! cargo run --example webhooks                            # in-memory backend, 127.0.0.1:3001
+//! curl -i -X POST -H 'X-Delivery-Id: d-42' -d '{"event":"push"}' 'http://127.0.0.1:3001/webhooks?hold_ms=10000' &
+//! curl -i -X POST -H 'X-Delivery-Id: d-42' -d '{"event":"push"}' 'http://127.0.0.1:3001/webhooks'   # 409
+//! ```
+//!
+//! Environment: `ADDR`, `DIMUTEX_BUCKET`, `STORAGE_EMULATOR_HOST`, `DIMUTEX_TTL`, `RUST_LOG`, as
+//! for the `jobs` example. This example needs no crate feature: the layer is plain tower, and the
+//! handler reads the lock with axum's `Extension<HeldLock>`.
+
+#[path = "support/backend.rs"]
+mod support;
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::{Extension, Query};
+use axum::http::StatusCode;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use dimutex::HeldLock;
+use dimutex::layer::{FromHeader, LockLayer};
+use serde::{Deserialize, Serialize};
+
+const MAX_HOLD_MS: u64 = 60_000;
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    support::init_tracing();
+    support::exit_code(run().await)
+}
+
+async fn run() -> Result<(), support::BoxError> {
+    let client = support::client_from_env().await?;
+
+    let app = Router::new()
+        .route("/webhooks", post(receive))
+        .route_layer(LockLayer::new(
+            client.clone(),
+            FromHeader::new("x-delivery-id"),
+        ))
+        .route("/healthz", get(|| async { "ok" }));
+
+    let (listener, base) = support::listen("127.0.0.1:3001").await?;
+    println!(
+        "try:     curl -i -X POST -H 'X-Delivery-Id: d-42' -d '{{\"event\":\"push\"}}' '{base}/webhooks?hold_ms=10000'"
+    );
+    println!(
+        "and, while it runs, the redelivery: curl -i -X POST -H 'X-Delivery-Id: d-42' -d '{{\"event\":\"push\"}}' '{base}/webhooks'   # 409"
+    );
+
+    axum::serve(listener, app)
+        .with_graceful_shutdown(support::shutdown_signal())
+        .await?;
+    support::release_all(&client).await
+}
+
+#[derive(Debug, Deserialize)]
+struct DeliveryParams {
+    /// How long processing takes, in milliseconds (to make overlaps easy to see).
+    hold_ms: Option<u64>,
+}
+
+#[derive(Debug, Serialize)]
+struct Processed {
+    delivery_id: String,
+    token: i64,
+    bytes: usize,
+}
+
+async fn receive(
+    Extension(lock): Extension<HeldLock>,
+    Query(params): Query<DeliveryParams>,
+    payload: Bytes,
+) -> Result<Json<Processed>, (StatusCode, &'static str)> {
+    let hold = Duration::from_millis(params.hold_ms.unwrap_or(0).min(MAX_HOLD_MS));
+    tokio::select! {
+        () = tokio::time::sleep(hold) => {}
+        () = lock.lost() => {
+            return Err((StatusCode::SERVICE_UNAVAILABLE, "lost the delivery's lock; stopped\n"));
+        }
+    }
+    Ok(Json(Processed {
+        delivery_id: lock.key().as_str().to_owned(),
+        token: lock.token().get(),
+        bytes: payload.len(),
+    }))
+}
