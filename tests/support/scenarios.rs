@@ -81,6 +81,36 @@ impl Exclusion {
     }
 }
 
+impl ExclusionReport {
+    /// Prints the figures and checks them: no overlap, every release found the lock ours,
+    /// nothing left, and enough contention for the run to mean something.
+    pub fn assert_clean(&self, label: &str) {
+        eprintln!(
+            "{label}: {} acquisitions, {} held answers, {} overlaps, {} releases not ours, {} leftovers",
+            self.acquisitions,
+            self.held_answers,
+            self.overlaps,
+            self.releases_not_ours,
+            self.leftovers
+        );
+        assert_eq!(self.overlaps, 0, "{label}: overlapping critical sections");
+        assert_eq!(
+            self.releases_not_ours, 0,
+            "{label}: a release found the lock not ours"
+        );
+        assert_eq!(self.leftovers, 0, "{label}: lock objects left behind");
+        assert!(
+            self.acquisitions >= 50,
+            "{label}: too few acquisitions: {}",
+            self.acquisitions
+        );
+        assert!(
+            self.held_answers > 0,
+            "{label}: no contention: the run proves nothing"
+        );
+    }
+}
+
 pub struct ExclusionReport {
     pub acquisitions: usize,
     pub held_answers: usize,
