@@ -160,7 +160,7 @@ impl LeaseShared {
 /// ```
 #[must_use = "dropping the guard releases the lock at once"]
 pub struct LockGuard {
-    shared: std::sync::Arc<LeaseShared>,
+    held: HeldLock,
     release: Option<oneshot::Sender<ReleaseRequest>>,
 }
 
@@ -170,7 +170,7 @@ impl LockGuard {
         release: oneshot::Sender<ReleaseRequest>,
     ) -> Self {
         Self {
-            shared,
+            held: HeldLock { shared },
             release: Some(release),
         }
     }
@@ -185,7 +185,7 @@ impl LockGuard {
     /// # Ok(()) }
     /// ```
     pub fn key(&self) -> &LockKey {
-        self.shared.key()
+        self.held.key()
     }
 
     /// The fencing token of this acquisition.
@@ -198,7 +198,7 @@ impl LockGuard {
     /// # Ok(()) }
     /// ```
     pub fn token(&self) -> FencingToken {
-        self.shared.token
+        self.held.token()
     }
 
     /// Whether the lease is still ours: not lost, and its local deadline (the send time of the
@@ -212,7 +212,7 @@ impl LockGuard {
     /// # Ok(()) }
     /// ```
     pub fn is_healthy(&self) -> bool {
-        self.shared.is_healthy()
+        self.held.is_healthy()
     }
 
     /// A [`HeldLock`]: a cheap view of this lock (key, token, lost signal) to hand to code
@@ -227,9 +227,7 @@ impl LockGuard {
     /// # Ok(()) }
     /// ```
     pub fn held_lock(&self) -> HeldLock {
-        HeldLock {
-            shared: self.shared.clone(),
-        }
+        self.held.clone()
     }
 
     /// A future that resolves when the lease is lost (or has ended). It does not borrow the
@@ -245,9 +243,7 @@ impl LockGuard {
     /// # Ok(()) }
     /// ```
     pub fn lost(&self) -> Lost {
-        Lost {
-            inner: Box::pin(self.shared.ended()),
-        }
+        self.held.lost()
     }
 
     /// Releases the lock and reports whether it was still ours: `true` when the conditional

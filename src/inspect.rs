@@ -2,7 +2,7 @@
 
 use std::time::{Duration, SystemTime};
 
-use crate::backend::{BackendError, ObjectState};
+use crate::backend::{BackendError, ObjectState, Reply};
 use crate::client::Client;
 use crate::error::Error;
 use crate::guard::FencingToken;
@@ -96,17 +96,21 @@ impl Client {
     {
         let key = key.try_into().map_err(Into::into)?;
         let name = self.object_name(&key)?;
-        let backend = &*self.inner.backend;
-        let reply = self
-            .inner
-            .call(|| backend.inspect(&name), None)
-            .await
-            .result
-            .map_err(|e| self.inner.failure(e))?;
+        let reply = self.read(&name).await?;
         let server_time = reply.server_time().unwrap_or_else(SystemTime::now);
         Ok(reply
             .into_value()
             .map(|state| self.describe(&state, server_time)))
+    }
+
+    /// Reads a lock object, retrying transient failures.
+    async fn read(&self, name: &str) -> Result<Reply<Option<ObjectState>>, Error> {
+        let backend = &*self.inner.backend;
+        self.inner
+            .call(|| backend.inspect(name), None)
+            .await
+            .result
+            .map_err(|e| self.inner.failure(e))
     }
 
     fn describe(&self, state: &ObjectState, server_time: SystemTime) -> LockStatus {
@@ -149,13 +153,7 @@ impl Client {
         let backend = &*self.inner.backend;
         // A refresh may move the metageneration between our read and our delete: read again.
         for _ in 0..8 {
-            let reply = self
-                .inner
-                .call(|| backend.inspect(&name), None)
-                .await
-                .result
-                .map_err(|e| self.inner.failure(e))?;
-            let Some(state) = reply.into_value() else {
+            let Some(state) = self.read(&name).await?.into_value() else {
                 return Ok(false);
             };
             if token.is_some_and(|t| t.get() != state.version().generation()) {

@@ -413,6 +413,8 @@ impl Response {
         let status = self.status.as_u16();
         match status {
             412 => BackendError::PreconditionFailed,
+            // GCS says which: "No such object: b/o" or "The specified bucket does not exist."
+            404 if message.contains("bucket does not exist") => BackendError::BucketNotFound,
             404 => BackendError::NotFound,
             408 | 429 | 500..=599 => BackendError::Transient {
                 status: Some(status),
