@@ -6,6 +6,9 @@
 //! metageneration. Expiry is judged on the server's clock; outcomes lost in transit are
 //! resolved by re-reading the object and comparing its owner.
 //!
+//! Three layers of API, each usable without the next: the lock [`Client`] (no tower or axum
+//! types), the tower middleware in [`layer`], and axum extractors in `extract`.
+//!
 //! # Quick start
 //!
 //! ```
@@ -28,11 +31,11 @@
 //!
 //! # Features
 //! - `gcs` (default): [`backend::GcsBackend`], the GCS JSON API over `reqwest` + `gcp_auth`.
-//! - `axum`: [`extract::Lock`] and the [`HeldLock`] extractor, and
-//!   [`layer::FromPathParam`].
+//! - `axum` (default): [`extract::Lock`] and the [`HeldLock`] extractor, and
+//!   [`layer::FromPathParam`]. The tower layer ([`layer::LockLayer`]) never needs it.
+//! - `cli`: the `dimutex` command (run a command under a lock; `status`; `release --force`).
 //! - `testing`: [`testing::FakeGcs`], an in-process HTTP fake of the GCS JSON API with fault
 //!   injection, for tests and benchmarks.
-#![cfg_attr(docsrs, feature(doc_auto_cfg))]
 #![warn(missing_docs, missing_debug_implementations, rust_2018_idioms)]
 #![forbid(unsafe_code)]
 
