@@ -56,6 +56,12 @@ enum Refresh {
     Failed,
 }
 
+/// The first refresh comes after a random 25–100 % of the interval, the later ones a whole
+/// interval apart: locks taken in a burst do not all refresh in the same second.
+fn first_refresh_delay(interval: Duration) -> Duration {
+    interval.mul_f64(rand::random_range(0.25..=1.0))
+}
+
 /// How long to wait before retrying a refresh that failed for good.
 const FAILED_REFRESH_RETRY: Duration = Duration::from_secs(1);
 
@@ -64,7 +70,7 @@ pub(crate) async fn run(mut lease: Lease) {
     let cfg = &inner.config;
     let key_id = crate::key_id(lease.shared.key());
     let mut shutdown = inner.shutdown.subscribe();
-    let mut next_refresh = lease.sent + cfg.refresh_interval;
+    let mut next_refresh = lease.sent + first_refresh_delay(cfg.refresh_interval);
     // None while held; Some(gone) once lost.
     let mut lost: Option<bool> = None;
     let reply: ReleaseRequest = loop {
