@@ -410,6 +410,9 @@ impl Response {
                 .unwrap_or("unexpected status")
                 .to_owned()
         });
+        // Server messages name the object ("The object b/dimutex/KEY exceeded the rate
+        // limit..."); errors end up in logs, raw keys must not.
+        let message = redact(&message, name);
         let status = self.status.as_u16();
         match status {
             412 => BackendError::PreconditionFailed,
@@ -432,7 +435,19 @@ impl Response {
     }
 }
 
+/// `message` without the object name, raw or percent-encoded.
+fn redact(message: &str, name: &str) -> String {
+    if name.is_empty() {
+        return message.to_owned();
+    }
+    message
+        .replace(name, "<lock object>")
+        .replace(&encode_segment(name), "<lock object>")
+}
+
 fn transport_error(e: reqwest::Error) -> BackendError {
+    // The URL names the object: keep it out of messages that end up in logs.
+    let e = e.without_url();
     // Timeouts, refused or reset connections and truncated bodies are all worth retrying;
     // the request may or may not have reached the server.
     if e.is_builder() {
@@ -644,6 +659,22 @@ mod tests {
         )
         .unwrap();
         assert_eq!(patched.version(), Version::new(5, 3));
+    }
+
+    #[test]
+    fn error_messages_do_not_name_the_object() {
+        let r = Response {
+            status: StatusCode::TOO_MANY_REQUESTS,
+            headers: HeaderMap::new(),
+            body: Bytes::from_static(
+                br#"{"error":{"code":429,"message":"The object b/dimutex/tenant 7 exceeded the rate limit"}}"#,
+            ),
+        };
+        let e = r.error("dimutex/tenant 7");
+        assert!(e.is_rate_limited());
+        let text = e.to_string();
+        assert!(!text.contains("tenant 7"), "{text}");
+        assert!(text.contains("<lock object>"), "{text}");
     }
 
     #[test]
