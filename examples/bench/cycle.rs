@@ -1,0 +1,390 @@
+//! Targets 1 and 2: the acquire+release cycle.
+//!
+//! - Latency: `Client::try_acquire` + `LockGuard::release` through `GcsBackend`, versus the
+//!   floor — the same two requests (multipart create with `ifGenerationMatch=0`, then the
+//!   conditional DELETE) sent directly with `reqwest` on a warm pool. Rounds alternate floor
+//!   and ours; the figure is the ratio of the medians of all cycle latencies.
+//! - CPU: user+sys CPU per cycle of this process (the client only: every server is another
+//!   process) versus the Python `dimutex` driver process, same server, cycles and concurrency.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use dimutex::Client;
+use dimutex::backend::GcsBackend;
+use serde::Deserialize;
+
+use super::servers::{GcsTarget, PyDriver};
+use super::util::{self, Figure, Goal, Result};
+
+const BOUNDARY: &str = "dimutex-7a1c3f0e9b2d4c86";
+
+/// Our client on `target`, with default settings and the object prefix `bench/`.
+pub async fn our_client(target: &GcsTarget) -> Result<Client> {
+    let backend = GcsBackend::builder(&target.bucket)
+        .endpoint(&target.endpoint)
+        .anonymous()
+        .build()
+        .await?;
+    Ok(Client::builder(backend).prefix("bench/").build()?)
+}
+
+/// The two requests of a lock cycle, sent directly: the floor we compare with.
+pub struct Floor {
+    http: reqwest::Client,
+    upload_url: String,
+    objects_url: String,
+    expires: String,
+}
+
+#[derive(Deserialize)]
+struct Created {
+    generation: serde_json::Value,
+}
+
+impl Floor {
+    pub fn new(target: &GcsTarget) -> Result<Floor> {
+        Ok(Floor {
+            http: reqwest::Client::builder().build()?,
+            upload_url: format!(
+                "{}/upload/storage/v1/b/{}/o",
+                target.endpoint, target.bucket
+            ),
+            objects_url: format!("{}/storage/v1/b/{}/o/", target.endpoint, target.bucket),
+            expires: "2030-01-01 00:00:00.000000 UTC".into(),
+        })
+    }
+
+    /// The create: the same multipart upload (same metadata fields) as the client's.
+    pub async fn create(&self, name: &str) -> Result<i64> {
+        let resource = serde_json::json!({
+            "name": name,
+            "cacheControl": "no-store",
+            "contentType": "text/plain",
+            "metadata": {
+                "ttl": "30",
+                "owner": format!("bench-floor:1#{:032x}", rand::random::<u128>()),
+                "expires": self.expires,
+            },
+        });
+        let body = format!(
+            "--{BOUNDARY}\r\nContent-Type: application/json; charset=UTF-8\r\n\r\n{resource}\r\n--{BOUNDARY}\r\nContent-Type: text/plain\r\n\r\nlock\r\n--{BOUNDARY}--\r\n"
+        );
+        let response = self
+            .http
+            .post(&self.upload_url)
+            .query(&[("uploadType", "multipart"), ("ifGenerationMatch", "0")])
+            .header(
+                reqwest::header::CONTENT_TYPE,
+                format!("multipart/related; boundary={BOUNDARY}"),
+            )
+            .body(body)
+            .send()
+            .await?;
+        let status = response.status();
+        let bytes = response.bytes().await?;
+        if !status.is_success() {
+            return Err(format!("floor create {name}: HTTP {status}").into());
+        }
+        let created: Created = serde_json::from_slice(&bytes)?;
+        let generation = match &created.generation {
+            serde_json::Value::String(s) => s.parse()?,
+            v => v.as_i64().ok_or("generation is not an integer")?,
+        };
+        Ok(generation)
+    }
+
+    /// The release: DELETE conditional on the generation and (when given) metageneration.
+    pub async fn delete(&self, name: &str, generation: i64, meta: Option<i64>) -> Result<()> {
+        let mut query = vec![("ifGenerationMatch", generation.to_string())];
+        if let Some(m) = meta {
+            query.push(("ifMetagenerationMatch", m.to_string()));
+        }
+        let response = self
+            .http
+            .delete(format!("{}{}", self.objects_url, name.replace('/', "%2F")))
+            .query(&query)
+            .send()
+            .await?;
+        let status = response.status();
+        response.bytes().await?;
+        if !status.is_success() {
+            return Err(format!("floor delete {name}: HTTP {status}").into());
+        }
+        Ok(())
+    }
+
+    /// A refresh: PATCH of the `expires` metadata, conditional on the generation.
+    pub async fn patch(&self, name: &str, generation: i64) -> Result<()> {
+        let body = serde_json::json!({ "metadata": { "expires": self.expires } }).to_string();
+        let response = self
+            .http
+            .patch(format!("{}{}", self.objects_url, name.replace('/', "%2F")))
+            .query(&[("ifGenerationMatch", generation.to_string())])
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .body(body)
+            .send()
+            .await?;
+        let status = response.status();
+        response.bytes().await?;
+        if !status.is_success() {
+            return Err(format!("floor patch {name}: HTTP {status}").into());
+        }
+        Ok(())
+    }
+
+    pub async fn cycle(&self, name: &str) -> Result<Duration> {
+        let t = Instant::now();
+        let generation = self.create(name).await?;
+        self.delete(name, generation, Some(1)).await?;
+        Ok(t.elapsed())
+    }
+}
+
+pub async fn our_cycle(client: &Client, key: &str) -> Result<Duration> {
+    let t = Instant::now();
+    let guard = client.try_acquire(key).await?;
+    guard.release().await?;
+    Ok(t.elapsed())
+}
+
+/// Runs `per_worker` cycles in each of `workers` tasks (worker `i` on its own key); all cycle
+/// latencies.
+pub async fn run_workers<F, Fut>(workers: usize, per_worker: usize, f: F) -> Result<Vec<Duration>>
+where
+    F: Fn(usize) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<Duration>> + Send + 'static,
+{
+    let f = Arc::new(f);
+    let mut tasks = Vec::with_capacity(workers);
+    for w in 0..workers {
+        let f = f.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut out = Vec::with_capacity(per_worker);
+            for _ in 0..per_worker {
+                out.push(f(w).await?);
+            }
+            Ok::<_, util::BoxError>(out)
+        }));
+    }
+    let mut all = Vec::with_capacity(workers * per_worker);
+    for t in tasks {
+        all.extend(t.await??);
+    }
+    Ok(all)
+}
+
+fn ours_runner(
+    client: &Client,
+    tag: &'static str,
+) -> impl Fn(usize) -> std::pin::Pin<Box<dyn Future<Output = Result<Duration>> + Send>>
++ Send
++ Sync
++ 'static {
+    let client = client.clone();
+    move |w| {
+        let client = client.clone();
+        Box::pin(async move { our_cycle(&client, &format!("{tag}-w{w}")).await })
+    }
+}
+
+fn floor_runner(
+    floor: &Arc<Floor>,
+    tag: &'static str,
+) -> impl Fn(usize) -> std::pin::Pin<Box<dyn Future<Output = Result<Duration>> + Send>>
++ Send
++ Sync
++ 'static {
+    let floor = floor.clone();
+    move |w| {
+        let floor = floor.clone();
+        Box::pin(async move { floor.cycle(&format!("bench-floor/{tag}-w{w}")).await })
+    }
+}
+
+pub struct LatencyPlan {
+    pub rounds: usize,
+    /// Cycles per worker per round.
+    pub per_worker: usize,
+}
+
+/// Target 1 on one server at one concurrency.
+pub async fn latency(
+    target: &GcsTarget,
+    concurrency: usize,
+    plan: &LatencyPlan,
+) -> Result<(Figure, String)> {
+    let client = our_client(target).await?;
+    let floor = Arc::new(Floor::new(target)?);
+    // Warm both pools (one connection per worker) and both code paths.
+    run_workers(concurrency, 5, floor_runner(&floor, "lat")).await?;
+    run_workers(concurrency, 5, ours_runner(&client, "lat")).await?;
+    let (mut ours, mut base) = (Vec::new(), Vec::new());
+    for round in 0..plan.rounds {
+        let floor_run = run_workers(concurrency, plan.per_worker, floor_runner(&floor, "lat"));
+        let ours_run = run_workers(concurrency, plan.per_worker, ours_runner(&client, "lat"));
+        if round % 2 == 0 {
+            base.extend(floor_run.await?);
+            ours.extend(ours_run.await?);
+        } else {
+            ours.extend(ours_run.await?);
+            base.extend(floor_run.await?);
+        }
+    }
+    client.shutdown(Duration::from_secs(10)).await?;
+    let ours: Vec<f64> = ours.into_iter().map(util::us).collect();
+    let base: Vec<f64> = base.into_iter().map(util::us).collect();
+    let figure = Figure::new(
+        format!(
+            "cycle_latency_p50 {} c={concurrency}",
+            short_label(&target.label)
+        ),
+        util::median(&ours),
+        Some(util::median(&base)),
+        "us",
+        Goal::RatioAtMost(1.10),
+    );
+    let note = format!(
+        "{} c={concurrency}: {} cycles each; p90 ours {:.0} us vs floor {:.0} us; p99 ours {:.0} us vs floor {:.0} us",
+        target.label,
+        ours.len(),
+        util::percentile(&ours, 90.0),
+        util::percentile(&base, 90.0),
+        util::percentile(&ours, 99.0),
+        util::percentile(&base, 99.0),
+    );
+    Ok((figure, note))
+}
+
+fn short_label(label: &str) -> &str {
+    match label {
+        "fake-gcs-server" => "fgcs",
+        "in-repo fake" => "inrepo",
+        other => other,
+    }
+}
+
+/// CPU time of this process while running `cycles` cycles at `concurrency` through `runner`.
+async fn cpu_of_ours<F, Fut>(
+    concurrency: usize,
+    cycles: usize,
+    runner: F,
+) -> Result<(Duration, f64)>
+where
+    F: Fn(usize) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<Duration>> + Send + 'static,
+{
+    let before = util::self_cpu()?;
+    run_workers(concurrency, cycles / concurrency, runner).await?;
+    let after = util::self_cpu()?;
+    Ok((
+        util::cpu_between(&before, &after),
+        util::sys_share(&before, &after),
+    ))
+}
+
+/// Ours and the floor, `cycles` each at `concurrency`: the process CPU time of each run.
+type CpuRun = (Duration, f64);
+
+async fn cpu_runs(
+    target: &GcsTarget,
+    concurrency: usize,
+    cycles: usize,
+) -> Result<(CpuRun, CpuRun)> {
+    let client = our_client(target).await?;
+    let floor = Arc::new(Floor::new(target)?);
+    run_workers(concurrency, 5, ours_runner(&client, "cpu")).await?;
+    run_workers(concurrency, 5, floor_runner(&floor, "cpu")).await?;
+    let ours = cpu_of_ours(concurrency, cycles, ours_runner(&client, "cpu")).await?;
+    let base = cpu_of_ours(concurrency, cycles, floor_runner(&floor, "cpu")).await?;
+    client.shutdown(Duration::from_secs(10)).await?;
+    Ok((ours, base))
+}
+
+/// [`cpu_runs`] on a current-thread runtime of a thread of its own (the bench's own runtime
+/// idles meanwhile).
+async fn cpu_runs_current_thread(
+    target: &GcsTarget,
+    concurrency: usize,
+    cycles: usize,
+) -> Result<(CpuRun, CpuRun)> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let target = target.clone();
+    std::thread::spawn(move || {
+        let result = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(util::BoxError::from)
+            .and_then(|rt| rt.block_on(cpu_runs(&target, concurrency, cycles)))
+            .map_err(|e| e.to_string());
+        let _ = tx.send(result);
+    });
+    Ok(rx.await??)
+}
+
+/// Target 2 at one concurrency: CPU per cycle, ours vs Python dimutex, with our client on the
+/// bench's multi-thread runtime (as under `#[tokio::main]`) and on a current-thread runtime
+/// (one thread, like Python's event loop). The raw reqwest floor goes in the notes.
+pub async fn cpu(
+    target: &GcsTarget,
+    python: &std::path::Path,
+    concurrency: usize,
+    cycles: usize,
+) -> Result<(Vec<Figure>, String)> {
+    let cycles = cycles / concurrency * concurrency;
+    // Python first: started and warmed before anything is measured.
+    let mut py = PyDriver::start(python, target, concurrency, cycles, "bench-py/")?;
+    let before = util::cpu_sample(py.pid())?;
+    let done = py.go()?;
+    let after = util::cpu_sample(py.pid())?;
+    let py_cpu = util::cpu_between(&before, &after);
+    let py_sys = util::sys_share(&before, &after);
+    let py_version = py.version.clone();
+    drop(py);
+
+    let (ours_mt, floor_mt) = cpu_runs(target, concurrency, cycles).await?;
+    let (ours_ct, floor_ct) = cpu_runs_current_thread(target, concurrency, cycles).await?;
+
+    let per = |d: Duration| util::us(d) / cycles as f64;
+    let (ours_mt, ours_mt_sys) = ours_mt;
+    let (ours_ct, ours_ct_sys) = ours_ct;
+    let (floor_mt, floor_mt_sys) = floor_mt;
+    let (floor_ct, floor_ct_sys) = floor_ct;
+    let py_self =
+        done["user_s"].as_f64().unwrap_or(f64::NAN) + done["sys_s"].as_f64().unwrap_or(f64::NAN);
+    let figures = vec![
+        Figure::new(
+            format!("cpu_per_cycle c={concurrency} multi-thread rt"),
+            per(ours_mt),
+            Some(per(py_cpu)),
+            "us CPU",
+            Goal::RatioAtMost(0.10),
+        ),
+        Figure::new(
+            format!("cpu_per_cycle c={concurrency} current-thread rt"),
+            per(ours_ct),
+            Some(per(py_cpu)),
+            "us CPU",
+            Goal::RatioAtMost(0.10),
+        ),
+    ];
+    let pct = |x: f64| x * 100.0;
+    let note = format!(
+        "cpu c={concurrency} on {}: {cycles} cycles each; Python dimutex {py_version}: {:.0} us/cycle ({:.0}% sys; its own getrusage: {:.0}), wall {:.0} us/cycle; ours {:.0}% sys (multi-thread) / {:.0}% (current-thread); raw reqwest floor (same 2 requests): {:.1} us/cycle multi-thread ({:.0}% sys), {:.1} current-thread ({:.0}% sys) = {:.3} / {:.3} of Python",
+        target.label,
+        per(py_cpu),
+        pct(py_sys),
+        py_self * 1e6 / cycles as f64,
+        done["wall_s"].as_f64().unwrap_or(f64::NAN) * 1e6 / cycles as f64,
+        pct(ours_mt_sys),
+        pct(ours_ct_sys),
+        per(floor_mt),
+        pct(floor_mt_sys),
+        per(floor_ct),
+        pct(floor_ct_sys),
+        per(floor_mt) / per(py_cpu),
+        per(floor_ct) / per(py_cpu),
+    );
+    Ok((figures, note))
+}
