@@ -185,11 +185,13 @@ async fn release(inner: &Inner, lease: &Lease, gone: bool) -> Result<bool, Error
     let a = inner
         .call(|| backend.release(name, version), Some(give_up))
         .await;
+    // Changed or gone, after an attempt of ours that may have landed: while our lease was
+    // live nobody else could take the lock over (takeover needs the server-judged expiry,
+    // which comes after our local deadline), so the change was our own delete.
+    let ours = a.ambiguous && Instant::now() < lease.shared.deadline();
     match a.result {
         Ok(_) => Ok(true),
-        // Gone: if an earlier attempt of ours may have landed, it was our delete.
-        Err(BackendError::NotFound) => Ok(a.ambiguous),
-        Err(BackendError::PreconditionFailed) => Ok(false),
+        Err(BackendError::NotFound | BackendError::PreconditionFailed) => Ok(ours),
         Err(e) => Err(inner.failure(e)),
     }
 }
