@@ -49,6 +49,8 @@ pub(crate) struct Inner {
     pub(crate) shutdown: watch::Sender<bool>,
     /// The leases held here and the local queues of waiters.
     pub(crate) local: Local,
+    /// When the backend last answered 429.
+    pub(crate) throttled_at: std::sync::Mutex<Option<Instant>>,
 }
 
 #[derive(Clone)]
@@ -338,16 +340,24 @@ impl Client {
         let mut polls = cfg.poll.delays();
         let mut first_write: Option<Instant> = None;
         let mut rounds = 0;
+        // Wait mode: whether we saw another holder, and are taking a second look at its absence.
+        let mut seen_held = false;
+        let mut confirming = false;
+        // Wait mode: whether the backend answered one of our writes with 429.
+        let mut throttled = false;
         let mut step = Step::Create;
         loop {
             match step {
                 Step::Create | Step::Takeover(_) => {
                     let md = object::lock_metadata(cfg.ttl, &owner, (cfg.clock)());
+                    // A waiter does not retry a throttled write: it goes back to reading.
+                    let retry_429 = matches!(contention, Contention::Fail);
                     let a = match step {
                         Step::Takeover(v) => {
-                            self.call(|| backend.takeover(&name, v, &md), None).await
+                            self.call(|| backend.takeover(&name, v, &md), retry_429)
+                                .await
                         }
-                        _ => self.call(|| backend.create(&name, &md), None).await,
+                        _ => self.call(|| backend.create(&name, &md), retry_429).await,
                     };
                     first_write.get_or_insert(a.first_sent);
                     match a.result {
@@ -368,14 +378,49 @@ impl Client {
                         Err(BackendError::NotFound) => {
                             return Err(Error::Backend(BackendError::BucketNotFound));
                         }
+                        Err(e) if e.is_rate_limited() => {
+                            // Waiting: the object was mutated within the last second (the
+                            // lock just changed hands). Read again once that window is over
+                            // instead of sending more writes.
+                            let Contention::WaitUntil(deadline) = contention else {
+                                return Err(self.failure(e));
+                            };
+                            let now = Instant::now();
+                            if now >= deadline {
+                                return Err(self.failure(e));
+                            }
+                            throttled = true;
+                            let pause = MUTATION_WINDOW + jitter(MUTATION_WINDOW);
+                            tokio::time::sleep(pause.min(deadline - now)).await;
+                            step = Step::Inspect;
+                        }
                         Err(e) => return Err(self.failure(e)),
                     }
                 }
                 Step::Inspect => {
-                    let a = self.call(|| backend.inspect(&name), None).await;
+                    let a = self.call(|| backend.inspect(&name), true).await;
                     let reply = a.result.map_err(|e| self.failure(e))?;
                     let server_now = reply.server_time().unwrap_or_else(SystemTime::now);
                     let Some(state) = reply.into_value() else {
+                        if seen_held && !confirming {
+                            // A waiter that saw the lock go: wait a random moment and look
+                            // again, so that of many waiters one creates and the others read
+                            // the new holder, instead of all sending creates at once. Once
+                            // the backend has throttled us, wait out the mutation window the
+                            // release just opened, too.
+                            confirming = true;
+                            let pause = if throttled || self.inner.recently_throttled() {
+                                MUTATION_WINDOW + jitter(MUTATION_WINDOW)
+                            } else {
+                                jitter(cfg.poll.min())
+                            };
+                            if let Contention::WaitUntil(deadline) = contention {
+                                let left = deadline.saturating_duration_since(Instant::now());
+                                tokio::time::sleep(pause.min(left)).await;
+                            }
+                            continue;
+                        }
+                        confirming = false;
                         rounds += 1;
                         let give_up = match contention {
                             Contention::Fail => rounds >= TRY_ROUNDS,
@@ -397,6 +442,7 @@ impl Client {
                         step = Step::Takeover(state.version());
                         continue;
                     }
+                    confirming = false;
                     match object::judge(&state, server_now, cfg.ttl) {
                         Verdict::Expired => step = Step::Takeover(state.version()),
                         Verdict::Held { remaining } => match contention {
@@ -406,6 +452,7 @@ impl Client {
                                 });
                             }
                             Contention::WaitUntil(deadline) => {
+                                seen_held = true;
                                 let now = Instant::now();
                                 if now >= deadline {
                                     return Err(Error::Held {
@@ -487,21 +534,30 @@ impl Client {
         LockGuard::new(shared, release_tx)
     }
 
-    async fn call<'a, T, F>(&'a self, op: F, give_up_at: Option<Instant>) -> Attempted<T>
+    async fn call<'a, T, F>(&'a self, op: F, retry_rate_limited: bool) -> Attempted<T>
     where
         F: FnMut() -> BoxFuture<'a, Result<T, BackendError>>,
     {
-        self.inner.call(op, give_up_at).await
+        self.inner.call_with(op, None, retry_rate_limited).await
     }
 }
 
 impl Inner {
     /// Sends one request, retrying transient failures per the retry policy until `give_up_at`
     /// (default: the policy's `max_elapsed` from now).
-    pub(crate) async fn call<'a, T, F>(
+    pub(crate) async fn call<'a, T, F>(&self, op: F, give_up_at: Option<Instant>) -> Attempted<T>
+    where
+        F: FnMut() -> BoxFuture<'a, Result<T, BackendError>>,
+    {
+        self.call_with(op, give_up_at, true).await
+    }
+
+    /// [`call`](Self::call), retrying 429s only if `retry_rate_limited`.
+    pub(crate) async fn call_with<'a, T, F>(
         &self,
         mut op: F,
         give_up_at: Option<Instant>,
+        retry_rate_limited: bool,
     ) -> Attempted<T>
     where
         F: FnMut() -> BoxFuture<'a, Result<T, BackendError>>,
@@ -519,11 +575,18 @@ impl Inner {
                     message: format!("no reply within {:?}", self.config.request_timeout),
                 }),
             };
+            if matches!(&result, Err(e) if e.is_rate_limited()) {
+                self.note_throttled();
+            }
             match result {
-                Err(e) if e.is_transient() => {
+                Err(e) if e.is_transient() && (retry_rate_limited || !e.is_rate_limited()) => {
                     // A 429 is refused before it is applied; anything else may have landed.
                     ambiguous |= !e.is_rate_limited();
                     let mut delay = delays.next_delay();
+                    if e.is_rate_limited() {
+                        // About one mutation per second per object: sooner is refused again.
+                        delay = delay.max(MUTATION_WINDOW);
+                    }
                     if let BackendError::Transient {
                         retry_after: Some(after),
                         ..
@@ -552,6 +615,19 @@ impl Inner {
         }
     }
 
+    /// Remembers that the backend enforces its per-object mutation limit.
+    fn note_throttled(&self) {
+        *self.throttled_at.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
+    }
+
+    /// Whether the backend answered 429 in the last minute.
+    pub(crate) fn recently_throttled(&self) -> bool {
+        self.throttled_at
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some_and(|at| at.elapsed() < THROTTLE_MEMORY)
+    }
+
     pub(crate) fn failure(&self, e: BackendError) -> Error {
         match e {
             BackendError::Transient { retry_after, .. } => Error::Unavailable {
@@ -561,6 +637,18 @@ impl Inner {
             e => Error::Backend(e),
         }
     }
+}
+
+/// GCS allows about one mutation per second per object name.
+const MUTATION_WINDOW: Duration = Duration::from_secs(1);
+
+/// How long a 429 makes waiters of this client wait out the mutation window after a release
+/// before they create.
+const THROTTLE_MEMORY: Duration = Duration::from_secs(60);
+
+/// A random delay up to `max`.
+fn jitter(max: Duration) -> Duration {
+    max.mul_f64(rand::random_range(0.0..=1.0))
 }
 
 /// A fresh owner: the readable identity and a random 128-bit nonce.
@@ -739,6 +827,7 @@ impl ClientBuilder {
                 leases: watch::Sender::new(0),
                 shutdown: watch::Sender::new(false),
                 local: Local::default(),
+                throttled_at: std::sync::Mutex::new(None),
             }),
         })
     }

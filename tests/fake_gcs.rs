@@ -197,14 +197,17 @@ async fn ambiguous_release_still_releases() {
 #[tokio::test]
 async fn failures_before_commit_are_retried() {
     let fake = fake().await;
-    let client = Client::builder(gcs(&fake).await)
-        .retry(scenarios::quick_retry())
-        .build()
-        .unwrap();
+    // The default retry policy (5 s): a 429 is retried no sooner than a second later.
+    let client = Client::new(gcs(&fake).await);
     fake.inject(FaultRule::new(Fault::FailBefore(503)).with_method(Method::POST));
     fake.inject(FaultRule::new(Fault::FailBefore(429)).with_method(Method::POST));
+    let started = Instant::now();
     let guard = client.try_acquire("retried").await.unwrap();
     assert_eq!(fake.faults_injected(), 2);
+    assert!(
+        started.elapsed() >= Duration::from_secs(1),
+        "a 429 waits out the mutation window"
+    );
     assert!(guard.release().await.unwrap());
 }
 
