@@ -343,8 +343,6 @@ impl Client {
         // Wait mode: whether we saw another holder, and are taking a second look at its absence.
         let mut seen_held = false;
         let mut confirming = false;
-        // Wait mode: whether the backend answered one of our writes with 429.
-        let mut throttled = false;
         let mut step = Step::Create;
         loop {
             match step {
@@ -389,7 +387,6 @@ impl Client {
                             if now >= deadline {
                                 return Err(self.failure(e));
                             }
-                            throttled = true;
                             let pause = MUTATION_WINDOW + jitter(MUTATION_WINDOW);
                             tokio::time::sleep(pause.min(deadline - now)).await;
                             step = Step::Inspect;
@@ -406,10 +403,10 @@ impl Client {
                             // A waiter that saw the lock go: wait a random moment and look
                             // again, so that of many waiters one creates and the others read
                             // the new holder, instead of all sending creates at once. Once
-                            // the backend has throttled us, wait out the mutation window the
-                            // release just opened, too.
+                            // the backend has throttled this client (a 429 in the last
+                            // minute), wait out the mutation window the release opened, too.
                             confirming = true;
-                            let pause = if throttled || self.inner.recently_throttled() {
+                            let pause = if self.inner.recently_throttled() {
                                 MUTATION_WINDOW + jitter(MUTATION_WINDOW)
                             } else {
                                 jitter(cfg.poll.min())
