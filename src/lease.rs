@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{oneshot, watch};
 
 use crate::backend::{BackendError, Version};
-use crate::client::Inner;
+use crate::client::{Inner, MUTATION_WINDOW};
 use crate::error::Error;
 use crate::guard::{LeaseShared, ReleaseRequest};
 use crate::object;
@@ -61,6 +61,9 @@ enum Refresh {
 fn first_refresh_delay(interval: Duration) -> Duration {
     interval.mul_f64(rand::random_range(0.25..=1.0))
 }
+
+/// Between a request's send time and its taking effect, at most (on top of the window).
+const SEND_MARGIN: Duration = Duration::from_millis(100);
 
 /// How long to wait before retrying a refresh that failed for good.
 const FAILED_REFRESH_RETRY: Duration = Duration::from_secs(1);
@@ -162,13 +165,24 @@ async fn refresh(inner: &Inner, lease: &Lease, deadline: Instant) -> Refresh {
                     }
                     _ => Refresh::Gone,
                 },
-                Err(e) if e.is_transient() => Refresh::Expired,
-                Err(_) => Refresh::Failed,
+                Err(_) => Refresh::failed_before(deadline),
             }
         }
         Err(BackendError::PreconditionFailed | BackendError::NotFound) => Refresh::Gone,
-        Err(e) if e.is_transient() => Refresh::Expired,
-        Err(_) => Refresh::Failed,
+        Err(_) => Refresh::failed_before(deadline),
+    }
+}
+
+impl Refresh {
+    /// A refresh that failed without an answer about the lock (transient errors until the
+    /// retry policy gave up, or a refusal such as 403): the lease is lost only once its
+    /// deadline has passed, not before (a 429 asks us to wait a second, say).
+    fn failed_before(deadline: Instant) -> Self {
+        if Instant::now() >= deadline {
+            Refresh::Expired
+        } else {
+            Refresh::Failed
+        }
     }
 }
 
@@ -179,6 +193,11 @@ async fn release(inner: &Inner, lease: &Lease, gone: bool) -> Result<bool, Error
     let backend = &*inner.backend;
     let name = lease.name.as_str();
     let version = lease.version;
+    if inner.recently_throttled() {
+        // The backend enforces about one mutation per second per object: a delete sooner
+        // after our last write would only be refused.
+        tokio::time::sleep_until((lease.sent + MUTATION_WINDOW + SEND_MARGIN).into()).await;
+    }
     // Keep trying while the lease is ours (a delete right after the create meets GCS's
     // one-mutation-per-second limit); after that, expiry frees the lock anyway.
     let give_up = (Instant::now() + inner.config.retry.max_elapsed()).max(lease.shared.deadline());
