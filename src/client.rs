@@ -343,7 +343,16 @@ impl Client {
         // Wait mode: whether we saw another holder, and are taking a second look at its absence.
         let mut seen_held = false;
         let mut confirming = false;
+        // Wait mode, backend throttling: since when, and for how long, the lock must be seen
+        // absent before we create.
+        let mut absent: Option<(Instant, Duration)> = None;
         let mut step = Step::Create;
+        if matches!(contention, Contention::WaitUntil(_)) && self.inner.recently_throttled() {
+            // A throttled backend: the lock may have been released (deleted) a moment ago, and
+            // a create now would be refused. Read first, and create after the absence window.
+            seen_held = true;
+            step = Step::Inspect;
+        }
         loop {
             match step {
                 Step::Create | Step::Takeover(_) => {
@@ -387,8 +396,9 @@ impl Client {
                             if now >= deadline {
                                 return Err(self.failure(e));
                             }
-                            let pause = MUTATION_WINDOW + jitter(MUTATION_WINDOW);
+                            let pause = jitter(MUTATION_WINDOW / 2);
                             tokio::time::sleep(pause.min(deadline - now)).await;
+                            seen_held = true;
                             step = Step::Inspect;
                         }
                         Err(e) => return Err(self.failure(e)),
@@ -399,18 +409,37 @@ impl Client {
                     let reply = a.result.map_err(|e| self.failure(e))?;
                     let server_now = reply.server_time().unwrap_or_else(SystemTime::now);
                     let Some(state) = reply.into_value() else {
-                        if seen_held && !confirming {
+                        if seen_held && self.inner.recently_throttled() {
+                            // The backend enforces its mutation limit, and the lock was just
+                            // released: create only once it has been seen absent for a whole
+                            // (jittered) window, reading at least twice a second. A holder
+                            // lives at least that window (its delete waits it out too), so a
+                            // create-and-delete of another waiter cannot slip between two
+                            // reads, and our create cannot meet a 429. The jitter lets one of
+                            // many waiters go first; the others read the new holder.
+                            let now = Instant::now();
+                            let (since, window) = *absent.get_or_insert_with(|| {
+                                (now, MUTATION_WINDOW + jitter(MUTATION_WINDOW))
+                            });
+                            let waited = now.duration_since(since);
+                            if waited < window {
+                                let mut pause = (window - waited).min(MUTATION_WINDOW / 2);
+                                if let Contention::WaitUntil(deadline) = contention {
+                                    pause = pause.min(deadline.saturating_duration_since(now));
+                                }
+                                tokio::time::sleep(pause).await;
+                                if matches!(contention, Contention::WaitUntil(d) if Instant::now() < d)
+                                {
+                                    continue;
+                                }
+                            }
+                            absent = None;
+                        } else if seen_held && !confirming {
                             // A waiter that saw the lock go: wait a random moment and look
                             // again, so that of many waiters one creates and the others read
-                            // the new holder, instead of all sending creates at once. Once
-                            // the backend has throttled this client (a 429 in the last
-                            // minute), wait out the mutation window the release opened, too.
+                            // the new holder, instead of all sending creates at once.
                             confirming = true;
-                            let pause = if self.inner.recently_throttled() {
-                                MUTATION_WINDOW + jitter(MUTATION_WINDOW)
-                            } else {
-                                jitter(cfg.poll.min())
-                            };
+                            let pause = jitter(cfg.poll.min());
                             if let Contention::WaitUntil(deadline) = contention {
                                 let left = deadline.saturating_duration_since(Instant::now());
                                 tokio::time::sleep(pause.min(left)).await;
@@ -440,6 +469,7 @@ impl Client {
                         continue;
                     }
                     confirming = false;
+                    absent = None;
                     match object::judge(&state, server_now, cfg.ttl) {
                         Verdict::Expired => step = Step::Takeover(state.version()),
                         Verdict::Held { remaining } => match contention {
@@ -637,7 +667,7 @@ impl Inner {
 }
 
 /// GCS allows about one mutation per second per object name.
-const MUTATION_WINDOW: Duration = Duration::from_secs(1);
+pub(crate) const MUTATION_WINDOW: Duration = Duration::from_secs(1);
 
 /// How long a 429 makes waiters of this client wait out the mutation window after a release
 /// before they create.
