@@ -242,7 +242,9 @@ impl Client {
     ///
     /// While waiting it polls the lock object with reads (decorrelated-jitter backoff, see
     /// [`ClientBuilder::poll`]); it never repeats the create, so waiters do not spend the
-    /// object's write budget. At the deadline a held lock is [`Error::Held`].
+    /// object's write budget. Once the backend has answered 429 (GCS allows about one
+    /// mutation per second per object), waiters wait out that window before they create. At
+    /// the deadline a held lock is [`Error::Held`].
     ///
     /// ```
     /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), dimutex::Error> {
