@@ -94,6 +94,25 @@ impl MemoryBackend {
         self.requests.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Creates or overwrites a lock object (the create and takeover requests).
+    fn write_lock(
+        &self,
+        name: &str,
+        metadata: &Metadata,
+        pre: Preconditions,
+    ) -> Result<Reply<ObjectState>, BackendError> {
+        self.count();
+        let result = self.store.insert(
+            name,
+            metadata.clone(),
+            Some("no-store".into()),
+            Some("text/plain".into()),
+            LOCK_BODY.to_vec(),
+            pre,
+        );
+        self.write_result(result)
+    }
+
     fn write_result(
         &self,
         result: Result<StoredObject, StoreError>,
@@ -146,20 +165,11 @@ impl Backend for MemoryBackend {
         name: &'a str,
         metadata: &'a Metadata,
     ) -> BoxFuture<'a, Result<Reply<ObjectState>, BackendError>> {
-        self.count();
         let pre = Preconditions {
             if_generation_match: Some(0),
             ..Preconditions::default()
         };
-        let result = self.store.insert(
-            name,
-            metadata.clone(),
-            Some("no-store".into()),
-            Some("text/plain".into()),
-            LOCK_BODY.to_vec(),
-            pre,
-        );
-        let out = self.write_result(result);
+        let out = self.write_lock(name, metadata, pre);
         Box::pin(async move { out })
     }
 
@@ -182,16 +192,7 @@ impl Backend for MemoryBackend {
         expected: Version,
         metadata: &'a Metadata,
     ) -> BoxFuture<'a, Result<Reply<ObjectState>, BackendError>> {
-        self.count();
-        let result = self.store.insert(
-            name,
-            metadata.clone(),
-            Some("no-store".into()),
-            Some("text/plain".into()),
-            LOCK_BODY.to_vec(),
-            matching(expected),
-        );
-        let out = self.write_result(result);
+        let out = self.write_lock(name, metadata, matching(expected));
         Box::pin(async move { out })
     }
 
