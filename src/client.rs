@@ -324,16 +324,7 @@ impl Client {
                         remaining: Some(local::remaining(&lease, cfg.margin())),
                     });
                 }
-                Contention::WaitUntil(deadline) => {
-                    if tokio::time::timeout_at(deadline.into(), lease.ended())
-                        .await
-                        .is_err()
-                    {
-                        return Err(Error::Held {
-                            remaining: Some(local::remaining(&lease, cfg.margin())),
-                        });
-                    }
-                }
+                Contention::WaitUntil(deadline) => self.wait_for_local(&lease, deadline).await?,
             }
         }
         let owner = new_owner(&cfg.identity);
@@ -491,15 +482,7 @@ impl Client {
                                 if let Some(lease) = local.healthy_holder(&name) {
                                     // Taken by another task of ours meanwhile: wait for its
                                     // release instead of polling.
-                                    let ended = lease.ended();
-                                    if tokio::time::timeout_at(deadline.into(), ended)
-                                        .await
-                                        .is_err()
-                                    {
-                                        return Err(Error::Held {
-                                            remaining: Some(local::remaining(&lease, cfg.margin())),
-                                        });
-                                    }
+                                    self.wait_for_local(&lease, deadline).await?;
                                     step = Step::Create;
                                     continue;
                                 }
@@ -513,6 +496,16 @@ impl Client {
                     }
                 }
             }
+        }
+    }
+
+    /// Waits (until `deadline`) for a lease of this client to end; "held" at the deadline.
+    async fn wait_for_local(&self, lease: &LeaseShared, deadline: Instant) -> Result<(), Error> {
+        match tokio::time::timeout_at(deadline.into(), lease.ended()).await {
+            Ok(()) => Ok(()),
+            Err(_) => Err(Error::Held {
+                remaining: Some(local::remaining(lease, self.inner.config.margin())),
+            }),
         }
     }
 
