@@ -168,19 +168,24 @@ pub struct ChildFake {
     stdout: BufReader<ChildStdout>,
 }
 
+/// Asks a line-driven child to `quit`, waits up to `grace`, then kills it.
+fn quit_child(child: &mut Child, stdin: &mut ChildStdin, grace: Duration) {
+    let _ = writeln!(stdin, "quit");
+    let _ = stdin.flush();
+    let deadline = Instant::now() + grace;
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
 impl Drop for ChildFake {
     fn drop(&mut self) {
-        let _ = writeln!(self.stdin, "quit");
-        let _ = self.stdin.flush();
-        let deadline = Instant::now() + Duration::from_secs(2);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        quit_child(&mut self.child, &mut self.stdin, Duration::from_secs(2));
     }
 }
 
@@ -346,17 +351,7 @@ pub struct PyDriver {
 
 impl Drop for PyDriver {
     fn drop(&mut self) {
-        let _ = writeln!(self.stdin, "quit");
-        let _ = self.stdin.flush();
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        quit_child(&mut self.child, &mut self.stdin, Duration::from_secs(5));
     }
 }
 
