@@ -2,9 +2,10 @@
 
 use std::fmt;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
-use tokio::sync::{oneshot, watch};
+use tokio::sync::{Notify, mpsc, watch};
 
 use crate::backend::{Backend, BackendError, BoxFuture, ObjectState};
 use crate::backoff::{Backoff, RetryPolicy};
@@ -43,8 +44,14 @@ pub struct Client {
 pub(crate) struct Inner {
     pub(crate) backend: Arc<dyn Backend>,
     pub(crate) config: Config,
-    /// The number of live lease tasks.
-    pub(crate) leases: watch::Sender<usize>,
+    /// The number of leases held or still being released.
+    live: AtomicUsize,
+    /// Notified when `live` drops to zero.
+    drained: Notify,
+    /// The lease driver of this client (started on the first acquisition, and again if the
+    /// runtime it ran on has stopped).
+    driver: std::sync::Mutex<Option<mpsc::UnboundedSender<lease::Command>>>,
+    next_lease_id: AtomicU64,
     /// Set once by [`Client::shutdown`].
     pub(crate) shutdown: watch::Sender<bool>,
     /// The leases held here and the local queues of waiters.
@@ -212,7 +219,7 @@ impl Client {
     /// assert_eq!(client.active_leases(), 0);
     /// ```
     pub fn active_leases(&self) -> usize {
-        *self.inner.leases.borrow()
+        self.inner.live.load(Ordering::Acquire)
     }
 
     /// Takes the lock if it is free (or expired), without waiting.
@@ -286,15 +293,23 @@ impl Client {
     /// ```
     pub async fn shutdown(&self, timeout: Duration) -> Result<(), ShutdownTimeout> {
         self.inner.shutdown.send_replace(true);
-        let mut leases = self.inner.leases.subscribe();
-        let drained = tokio::time::timeout(timeout, leases.wait_for(|n| *n == 0))
-            .await
-            .is_ok();
-        if drained {
+        let inner = &self.inner;
+        let drained = async {
+            loop {
+                let notified = inner.drained.notified();
+                tokio::pin!(notified);
+                notified.as_mut().enable();
+                if inner.live.load(Ordering::Acquire) == 0 {
+                    return;
+                }
+                notified.await;
+            }
+        };
+        if tokio::time::timeout(timeout, drained).await.is_ok() {
             Ok(())
         } else {
             Err(ShutdownTimeout {
-                pending: *self.inner.leases.borrow(),
+                pending: self.active_leases(),
             })
         }
     }
@@ -328,7 +343,6 @@ impl Client {
             }
         }
         let owner = new_owner(&cfg.identity);
-        let key_id = crate::key_id(&key);
         let started = Instant::now();
         let mut polls = cfg.poll.delays();
         let mut first_write: Option<Instant> = None;
@@ -362,7 +376,7 @@ impl Client {
                     first_write.get_or_insert(a.first_sent);
                     match a.result {
                         Ok(reply) => {
-                            tracing::debug!(target: "dimutex", key_id, elapsed_ms = started.elapsed().as_millis() as u64, "acquired");
+                            tracing::debug!(target: "dimutex", key_id = crate::key_id(&key), elapsed_ms = started.elapsed().as_millis() as u64, "acquired");
                             return Ok(self.hold(
                                 key,
                                 name,
@@ -455,7 +469,7 @@ impl Client {
                         // One of our own writes landed although its reply was lost.
                         let sent = first_write.unwrap_or(started);
                         if sent + cfg.ttl - cfg.margin() > Instant::now() {
-                            tracing::debug!(target: "dimutex", key_id, "adopted our own landed write");
+                            tracing::debug!(target: "dimutex", key_id = crate::key_id(&key), "adopted our own landed write");
                             return Ok(self.hold(key, name, owner, state, sent));
                         }
                         step = Step::Takeover(state.version());
@@ -500,7 +514,11 @@ impl Client {
     }
 
     /// Waits (until `deadline`) for a lease of this client to end; "held" at the deadline.
-    async fn wait_for_local(&self, lease: &LeaseShared, deadline: Instant) -> Result<(), Error> {
+    async fn wait_for_local(
+        &self,
+        lease: &Arc<LeaseShared>,
+        deadline: Instant,
+    ) -> Result<(), Error> {
         match tokio::time::timeout_at(deadline.into(), lease.ended()).await {
             Ok(()) => Ok(()),
             Err(_) => Err(Error::Held {
@@ -532,28 +550,28 @@ impl Client {
         state: ObjectState,
         sent: Instant,
     ) -> LockGuard {
-        let cfg = &self.inner.config;
-        let (lost_tx, lost_rx) = watch::channel(false);
-        let (release_tx, release_rx) = oneshot::channel();
+        let inner = &self.inner;
+        let cfg = &inner.config;
+        let id = inner.next_lease_id.fetch_add(1, Ordering::Relaxed);
         let shared = Arc::new(LeaseShared::new(
+            id,
             key,
             state.version().generation(),
-            lost_rx,
             sent + cfg.ttl - cfg.margin(),
         ));
-        self.inner.local.insert(&name, shared.clone());
-        let counted = lease::Counted::new(self.inner.clone());
-        tokio::spawn(lease::run(lease::Lease {
-            client: counted,
+        inner.local.insert(&name, shared.clone());
+        let lease = lease::Lease {
+            client: lease::Counted::new(inner.clone()),
             shared: shared.clone(),
-            name,
-            owner,
+            name: name.into(),
+            owner: owner.into(),
             version: state.version(),
             sent,
-            lost: lost_tx,
-            release: release_rx,
-        }));
-        LockGuard::new(shared, release_tx)
+        };
+        let driver = inner.driver();
+        // Refused only if the runtime stops this very moment: the lease then expires.
+        let _ = driver.send(lease::Command::Hold(lease));
+        LockGuard::new(shared, driver)
     }
 
     async fn call<'a, T, F>(&'a self, op: F, retry_rate_limited: bool) -> Attempted<T>
@@ -565,6 +583,30 @@ impl Client {
 }
 
 impl Inner {
+    /// The lease driver, started on the current runtime if there is none (or its runtime
+    /// has stopped).
+    fn driver(&self) -> mpsc::UnboundedSender<lease::Command> {
+        let mut driver = self.driver.lock().unwrap_or_else(|e| e.into_inner());
+        match &*driver {
+            Some(tx) if !tx.is_closed() => tx.clone(),
+            _ => {
+                let tx = lease::spawn_driver(self.shutdown.subscribe());
+                *driver = Some(tx.clone());
+                tx
+            }
+        }
+    }
+
+    pub(crate) fn lease_opened(&self) {
+        self.live.fetch_add(1, Ordering::AcqRel);
+    }
+
+    pub(crate) fn lease_closed(&self) {
+        if self.live.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.drained.notify_waiters();
+        }
+    }
+
     /// Sends one request, retrying transient failures per the retry policy until `give_up_at`
     /// (default: the policy's `max_elapsed` from now).
     pub(crate) async fn call<'a, T, F>(&self, op: F, give_up_at: Option<Instant>) -> Attempted<T>
@@ -846,7 +888,10 @@ impl ClientBuilder {
             inner: Arc::new(Inner {
                 backend: self.backend,
                 config,
-                leases: watch::Sender::new(0),
+                live: AtomicUsize::new(0),
+                drained: Notify::new(),
+                driver: std::sync::Mutex::new(None),
+                next_lease_id: AtomicU64::new(0),
                 shutdown: watch::Sender::new(false),
                 local: Local::default(),
                 throttled_at: std::sync::Mutex::new(None),

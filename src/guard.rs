@@ -3,14 +3,16 @@
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Instant;
 
-use tokio::sync::{oneshot, watch};
+use tokio::sync::{Notify, mpsc, oneshot};
 
 use crate::error::Error;
 use crate::key::LockKey;
+use crate::lease::Command;
 
 /// What a guard sends its lease task to release: where to send the outcome, if anyone waits.
 pub(crate) type ReleaseRequest = Option<oneshot::Sender<Result<bool, Error>>>;
@@ -84,27 +86,31 @@ impl fmt::Display for FencingToken {
     }
 }
 
-/// What the guard and its lease task share.
+/// What the guard, the client's local map and the lease driver share.
 pub(crate) struct LeaseShared {
+    id: u64,
     key: LockKey,
     token: FencingToken,
-    lost: watch::Receiver<bool>,
+    /// Lost, or ended.
+    lost: AtomicBool,
+    notify: Notify,
     deadline: Mutex<Instant>,
 }
 
 impl LeaseShared {
-    pub(crate) fn new(
-        key: LockKey,
-        generation: i64,
-        lost: watch::Receiver<bool>,
-        deadline: Instant,
-    ) -> Self {
+    pub(crate) fn new(id: u64, key: LockKey, generation: i64, deadline: Instant) -> Self {
         Self {
+            id,
             key,
             token: FencingToken(generation),
-            lost,
+            lost: AtomicBool::new(false),
+            notify: Notify::new(),
             deadline: Mutex::new(deadline),
         }
+    }
+
+    pub(crate) fn id(&self) -> u64 {
+        self.id
     }
 
     pub(crate) fn deadline(&self) -> Instant {
@@ -119,16 +125,35 @@ impl LeaseShared {
         &self.key
     }
 
+    fn is_lost(&self) -> bool {
+        self.lost.load(Ordering::Acquire)
+    }
+
+    /// Marks the lease lost (or ended) and wakes everyone waiting for that.
+    pub(crate) fn mark_lost(&self) {
+        self.lost.store(true, Ordering::Release);
+        self.notify.notify_waiters();
+    }
+
     /// Not lost, and the local deadline not passed.
     pub(crate) fn is_healthy(&self) -> bool {
-        !*self.lost.borrow() && Instant::now() < self.deadline()
+        !self.is_lost() && Instant::now() < self.deadline()
     }
 
     /// Resolves when the lease is lost or has ended.
-    pub(crate) fn ended(&self) -> impl Future<Output = ()> + Send + Sync + 'static {
-        let mut rx = self.lost.clone();
+    pub(crate) fn ended(self: &Arc<Self>) -> impl Future<Output = ()> + Send + Sync + 'static {
+        let shared = self.clone();
         async move {
-            let _ = rx.wait_for(|lost| *lost).await;
+            loop {
+                let notified = shared.notify.notified();
+                tokio::pin!(notified);
+                // Registered before the check, so a `mark_lost` in between is not missed.
+                notified.as_mut().enable();
+                if shared.is_lost() {
+                    return;
+                }
+                notified.await;
+            }
         }
     }
 }
@@ -161,17 +186,15 @@ impl LeaseShared {
 #[must_use = "dropping the guard releases the lock at once"]
 pub struct LockGuard {
     held: HeldLock,
-    release: Option<oneshot::Sender<ReleaseRequest>>,
+    /// The lease driver, until the release is asked for.
+    driver: Option<mpsc::UnboundedSender<Command>>,
 }
 
 impl LockGuard {
-    pub(crate) fn new(
-        shared: std::sync::Arc<LeaseShared>,
-        release: oneshot::Sender<ReleaseRequest>,
-    ) -> Self {
+    pub(crate) fn new(shared: Arc<LeaseShared>, driver: mpsc::UnboundedSender<Command>) -> Self {
         Self {
             held: HeldLock { shared },
-            release: Some(release),
+            driver: Some(driver),
         }
     }
 
@@ -260,15 +283,34 @@ impl LockGuard {
     /// ```
     pub async fn release(mut self) -> Result<bool, Error> {
         let (tx, rx) = oneshot::channel();
-        let Some(release) = self.release.take() else {
+        let Some(driver) = self.driver.take() else {
             return Err(Error::ShutDown);
         };
-        if release.send(Some(tx)).is_err() {
-            // The lease task is gone: the client was shut down (its release done) or the
-            // runtime stopped.
+        let id = self.held.shared.id();
+        if driver
+            .send(Command::Release {
+                id,
+                reply: Some(tx),
+            })
+            .is_err()
+        {
+            // The lease driver is gone: its runtime stopped.
             return Err(Error::ShutDown);
         }
+        // No answer: the client was shut down and released the lease already.
         rx.await.unwrap_or(Err(Error::ShutDown))
+    }
+}
+
+impl Drop for LockGuard {
+    fn drop(&mut self) {
+        if let Some(driver) = self.driver.take() {
+            // Only a message: the driver does the release.
+            let _ = driver.send(Command::Release {
+                id: self.held.shared.id(),
+                reply: None,
+            });
+        }
     }
 }
 
@@ -289,7 +331,7 @@ impl LockGuard {
 /// ```
 #[derive(Clone)]
 pub struct HeldLock {
-    shared: std::sync::Arc<LeaseShared>,
+    shared: Arc<LeaseShared>,
 }
 
 impl HeldLock {

@@ -1,13 +1,22 @@
-//! The life of a held lease: periodic refresh, the lost-lease rule, and the release.
+//! The life of held leases: one driver task per client refreshes them, signals a lost lease,
+//! and releases them.
 //!
-//! One task per lease, started when the lock is acquired. The guard talks to it through a
-//! oneshot channel: sending on it (or dropping it, when the guard is dropped) asks for the
-//! release, so `Drop` does no work of its own.
+//! Acquiring a lock hands the lease to the driver ([`Command::Hold`]); a guard asks for its
+//! release with [`Command::Release`] — dropping a guard only sends that message, so `Drop` does
+//! no work of its own. The driver keeps one timer for all its leases: each lease has exactly one
+//! wake-up in a sorted set (its next refresh, or its local deadline if that comes first), and
+//! refresh times are rounded down to a grid of [`TICK`], so the refreshes of many leases go out
+//! together in one wake-up. Refreshes and releases run concurrently inside the driver task.
 
-use std::sync::Arc;
+use std::collections::{BTreeSet, HashMap};
+use std::future::Future;
+use std::hash::{BuildHasherDefault, Hasher};
+use std::pin::Pin;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use tokio::sync::{oneshot, watch};
+use futures_util::stream::{FuturesUnordered, StreamExt};
+use tokio::sync::{mpsc, watch};
 
 use crate::backend::{BackendError, Version};
 use crate::client::{Inner, MUTATION_WINDOW};
@@ -15,32 +24,56 @@ use crate::error::Error;
 use crate::guard::{LeaseShared, ReleaseRequest};
 use crate::object;
 
+/// What the client and the guards tell the driver.
+pub(crate) enum Command {
+    /// A lease was just acquired.
+    Hold(Lease),
+    /// Release the lease `id`, answering on `reply` if someone waits for the outcome.
+    Release { id: u64, reply: ReleaseRequest },
+}
+
 /// A client handle counted in the client's number of live leases while it exists.
 pub(crate) struct Counted(Arc<Inner>);
 
 impl Counted {
     pub(crate) fn new(inner: Arc<Inner>) -> Self {
-        inner.leases.send_modify(|n| *n += 1);
+        inner.lease_opened();
         Self(inner)
     }
 }
 
 impl Drop for Counted {
     fn drop(&mut self) {
-        self.0.leases.send_modify(|n| *n -= 1);
+        self.0.lease_closed();
     }
 }
 
+/// A freshly acquired lease, as handed to the driver.
 pub(crate) struct Lease {
     pub(crate) client: Counted,
     pub(crate) shared: Arc<LeaseShared>,
-    pub(crate) name: String,
-    pub(crate) owner: String,
+    pub(crate) name: Arc<str>,
+    pub(crate) owner: Arc<str>,
     pub(crate) version: Version,
     /// When the last successful write was sent.
     pub(crate) sent: Instant,
-    pub(crate) lost: watch::Sender<bool>,
-    pub(crate) release: oneshot::Receiver<ReleaseRequest>,
+}
+
+/// A lease in the driver's care.
+struct Entry {
+    lease: Lease,
+    /// The one wake-up of this lease in the timer set, if any.
+    wake: Option<Instant>,
+    /// A refresh is in flight.
+    refreshing: bool,
+    /// The release is in flight.
+    releasing: bool,
+    /// A release asked for while a refresh was in flight.
+    release_wanted: Option<ReleaseRequest>,
+    /// Where the release's outcome goes.
+    reply: ReleaseRequest,
+    /// `None` while held; `Some(gone)` once lost (`gone`: someone else changed the object).
+    lost: Option<bool>,
 }
 
 enum Refresh {
@@ -56,86 +89,355 @@ enum Refresh {
     Failed,
 }
 
+enum Outcome {
+    Refreshed(Refresh),
+    Released(Result<bool, Error>),
+}
+
+type Op = Pin<Box<dyn Future<Output = (u64, Outcome)> + Send>>;
+
+/// Refresh times are rounded down to this grid, so that one wake-up sends many refreshes.
+/// A refresh sent early is always safe; this one is at most a tick early.
+const TICK: Duration = Duration::from_millis(100);
+
+/// Between a request's send time and its taking effect, at most (on top of the window).
+const SEND_MARGIN: Duration = Duration::from_millis(100);
+
+/// The most commands the driver takes in one go.
+const COMMAND_BATCH: usize = 1024;
+
+/// How long to wait before retrying a refresh that failed for good.
+const FAILED_REFRESH_RETRY: Duration = Duration::from_secs(1);
+
 /// The first refresh comes after a random 25–100 % of the interval, the later ones a whole
 /// interval apart: locks taken in a burst do not all refresh in the same second.
 fn first_refresh_delay(interval: Duration) -> Duration {
     interval.mul_f64(rand::random_range(0.25..=1.0))
 }
 
-/// Between a request's send time and its taking effect, at most (on top of the window).
-const SEND_MARGIN: Duration = Duration::from_millis(100);
-
-/// How long to wait before retrying a refresh that failed for good.
-const FAILED_REFRESH_RETRY: Duration = Duration::from_secs(1);
-
-pub(crate) async fn run(mut lease: Lease) {
-    let inner = lease.client.0.clone();
-    let cfg = &inner.config;
-    let key_id = crate::key_id(lease.shared.key());
-    let mut shutdown = inner.shutdown.subscribe();
-    let mut next_refresh = lease.sent + first_refresh_delay(cfg.refresh_interval);
-    // None while held; Some(gone) once lost.
-    let mut lost: Option<bool> = None;
-    let reply: ReleaseRequest = loop {
-        let deadline = lease.shared.deadline();
-        tokio::select! {
-            biased;
-            request = &mut lease.release => break request.ok().flatten(),
-            _ = shut_down(&mut shutdown) => break None,
-            _ = tokio::time::sleep_until(deadline.into()), if lost.is_none() => {
-                tracing::warn!(target: "dimutex", key_id, "lease lost: no successful refresh before the local deadline");
-                lost = Some(false);
-                lease.lost.send_replace(true);
-            }
-            _ = tokio::time::sleep_until(next_refresh.into()), if lost.is_none() => {
-                match refresh(&inner, &lease, deadline).await {
-                    Refresh::Done { version, sent } => {
-                        lease.version = version;
-                        lease.sent = sent;
-                        lease.shared.set_deadline(sent + cfg.ttl - cfg.margin());
-                        next_refresh = sent + cfg.refresh_interval;
-                        tracing::trace!(target: "dimutex", key_id, "refreshed");
-                    }
-                    Refresh::Failed => next_refresh = Instant::now() + FAILED_REFRESH_RETRY,
-                    Refresh::Gone => {
-                        tracing::warn!(target: "dimutex", key_id, "lease lost: the lock object was changed by another owner");
-                        lost = Some(true);
-                        lease.lost.send_replace(true);
-                    }
-                    Refresh::Expired => {
-                        tracing::warn!(target: "dimutex", key_id, "lease lost: refresh failed until the local deadline");
-                        lost = Some(false);
-                        lease.lost.send_replace(true);
-                    }
-                }
-            }
+/// `t` rounded down to the refresh grid.
+fn on_grid(t: Instant) -> Instant {
+    static ORIGIN: OnceLock<Instant> = OnceLock::new();
+    let origin = *ORIGIN.get_or_init(Instant::now);
+    match t.checked_duration_since(origin) {
+        Some(since) => {
+            let tick = TICK.as_nanos();
+            let floored = since.as_nanos() / tick * tick;
+            origin + Duration::from_nanos(floored as u64)
         }
-    };
-    let result = release(&inner, &lease, lost == Some(true)).await;
-    match &result {
-        Ok(held) => tracing::debug!(target: "dimutex", key_id, held, "released"),
-        Err(e) => {
-            tracing::warn!(target: "dimutex", key_id, error = %e, "release failed; the lease will expire")
+        None => t,
+    }
+}
+
+/// Lease ids are our own counter: no need for a DoS-resistant hash.
+#[derive(Default)]
+struct IdHasher(u64);
+
+impl Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 ^ u64::from(b)).wrapping_mul(0x100_0000_01b3);
         }
     }
-    inner.local.remove(&lease.name, &lease.shared);
-    lease.lost.send_replace(true);
-    if let Some(reply) = reply {
-        let _ = reply.send(result);
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+}
+
+/// Starts a driver on the current runtime; its commands go to the returned sender. It stops
+/// once every sender is gone and its last release is done.
+pub(crate) fn spawn_driver(shutdown: watch::Receiver<bool>) -> mpsc::UnboundedSender<Command> {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let driver = Driver {
+        commands: Some(rx),
+        shutdown,
+        shutting_down: false,
+        leases: HashMap::default(),
+        timers: BTreeSet::new(),
+        ops: FuturesUnordered::new(),
+    };
+    tokio::spawn(driver.run());
+    tx
+}
+
+struct Driver {
+    /// `None` once every sender is gone.
+    commands: Option<mpsc::UnboundedReceiver<Command>>,
+    shutdown: watch::Receiver<bool>,
+    shutting_down: bool,
+    leases: HashMap<u64, Entry, BuildHasherDefault<IdHasher>>,
+    /// (wake-up, lease id), one per lease at most.
+    timers: BTreeSet<(Instant, u64)>,
+    ops: FuturesUnordered<Op>,
+}
+
+impl Driver {
+    async fn run(mut self) {
+        let sleep = tokio::time::sleep(Duration::ZERO);
+        tokio::pin!(sleep);
+        let mut armed: Option<Instant> = None;
+        loop {
+            // Take the commands waiting without spending the task's cooperative budget on
+            // each (`recv` would: on a busy runtime the driver would fall behind its clients);
+            // then finished work, due timers, and only then wait for more commands.
+            self.drain_commands();
+            let next = self.timers.first().map(|&(at, _)| at);
+            if next != armed {
+                if let Some(at) = next {
+                    sleep.as_mut().reset(at.into());
+                }
+                armed = next;
+            }
+            if self.commands.is_none() && self.ops.is_empty() && self.leases.is_empty() {
+                return;
+            }
+            tokio::select! {
+                biased;
+                Some((id, outcome)) = self.ops.next(), if !self.ops.is_empty() => {
+                    self.finish(id, outcome)
+                }
+                _ = &mut sleep, if armed.is_some() => {
+                    armed = None;
+                    self.wake(Instant::now());
+                }
+                _ = shut_down(&mut self.shutdown), if !self.shutting_down => {
+                    self.shutting_down = true;
+                    let ids: Vec<u64> = self.leases.keys().copied().collect();
+                    for id in ids {
+                        self.release(id, None);
+                    }
+                }
+                command = recv(&mut self.commands), if self.commands.is_some() => match command {
+                    Some(command) => self.command(command),
+                    None => self.commands = None,
+                },
+            }
+        }
+    }
+
+    /// Handles the commands already queued (at most a batch, so that finished work and
+    /// timers get their turn).
+    fn drain_commands(&mut self) {
+        let Some(mut rx) = self.commands.take() else {
+            return;
+        };
+        for _ in 0..COMMAND_BATCH {
+            match rx.try_recv() {
+                Ok(command) => self.command(command),
+                Err(mpsc::error::TryRecvError::Empty) => break,
+                Err(mpsc::error::TryRecvError::Disconnected) => return,
+            }
+        }
+        self.commands = Some(rx);
+    }
+
+    fn command(&mut self, command: Command) {
+        match command {
+            Command::Hold(lease) => {
+                let id = lease.shared.id();
+                let cfg = &lease.client.0.config;
+                let first = on_grid(lease.sent + first_refresh_delay(cfg.refresh_interval));
+                self.leases.insert(
+                    id,
+                    Entry {
+                        lease,
+                        wake: None,
+                        refreshing: false,
+                        releasing: false,
+                        release_wanted: None,
+                        reply: None,
+                        lost: None,
+                    },
+                );
+                if self.shutting_down {
+                    self.release(id, None);
+                } else {
+                    self.schedule(id, first);
+                }
+            }
+            Command::Release { id, reply } => self.release(id, reply),
+        }
+    }
+
+    /// Sets the lease's one wake-up to `refresh_at`, or to its deadline if that comes first.
+    fn schedule(&mut self, id: u64, refresh_at: Instant) {
+        let Some(entry) = self.leases.get_mut(&id) else {
+            return;
+        };
+        if let Some(old) = entry.wake.take() {
+            self.timers.remove(&(old, id));
+        }
+        let at = refresh_at.min(entry.lease.shared.deadline());
+        entry.wake = Some(at);
+        self.timers.insert((at, id));
+    }
+
+    /// Handles every wake-up due at `now`: a refresh to send, or a deadline passed.
+    fn wake(&mut self, now: Instant) {
+        while let Some(&(at, id)) = self.timers.first() {
+            if at > now {
+                break;
+            }
+            self.timers.pop_first();
+            let Some(entry) = self.leases.get_mut(&id) else {
+                continue;
+            };
+            entry.wake = None;
+            let deadline = entry.lease.shared.deadline();
+            if now >= deadline {
+                if entry.lost.is_none() {
+                    tracing::warn!(target: "dimutex", key_id = crate::key_id(entry.lease.shared.key()), "lease lost: no successful refresh before the local deadline");
+                    entry.lost = Some(false);
+                    entry.lease.shared.mark_lost();
+                }
+                continue;
+            }
+            entry.refreshing = true;
+            let inner = entry.lease.client.0.clone();
+            let name = entry.lease.name.clone();
+            let owner = entry.lease.owner.clone();
+            let version = entry.lease.version;
+            self.ops.push(Box::pin(async move {
+                let r = refresh(&inner, &name, &owner, version, deadline).await;
+                (id, Outcome::Refreshed(r))
+            }));
+        }
+    }
+
+    /// Starts the release of lease `id` (after its refresh in flight, if any).
+    fn release(&mut self, id: u64, reply: ReleaseRequest) {
+        let Some(entry) = self.leases.get_mut(&id) else {
+            // Already released (the client shut down): `reply` is dropped, the caller sees
+            // the shutdown.
+            return;
+        };
+        if entry.releasing {
+            if entry.reply.is_none() {
+                entry.reply = reply;
+            }
+            return;
+        }
+        if entry.refreshing {
+            match &mut entry.release_wanted {
+                Some(wanted) if wanted.is_some() => {}
+                wanted => *wanted = Some(reply),
+            }
+            return;
+        }
+        if let Some(at) = entry.wake.take() {
+            self.timers.remove(&(at, id));
+        }
+        entry.releasing = true;
+        entry.reply = reply;
+        let inner = entry.lease.client.0.clone();
+        let name = entry.lease.name.clone();
+        let shared = entry.lease.shared.clone();
+        let version = entry.lease.version;
+        let sent = entry.lease.sent;
+        let gone = entry.lost == Some(true);
+        self.ops.push(Box::pin(async move {
+            let r = release(&inner, &name, &shared, version, sent, gone).await;
+            (id, Outcome::Released(r))
+        }));
+    }
+
+    fn finish(&mut self, id: u64, outcome: Outcome) {
+        match outcome {
+            Outcome::Refreshed(refresh) => self.refreshed(id, refresh),
+            Outcome::Released(result) => {
+                let Some(entry) = self.leases.remove(&id) else {
+                    return;
+                };
+                let lease = &entry.lease;
+                match &result {
+                    Ok(held) => {
+                        tracing::debug!(target: "dimutex", key_id = crate::key_id(lease.shared.key()), held, "released")
+                    }
+                    Err(e) => {
+                        tracing::warn!(target: "dimutex", key_id = crate::key_id(lease.shared.key()), error = %e, "release failed; the lease will expire")
+                    }
+                }
+                lease.client.0.local.remove(&lease.name, &lease.shared);
+                lease.shared.mark_lost();
+                if let Some(reply) = entry.reply {
+                    let _ = reply.send(result);
+                }
+                // `entry` (and its count in the client's live leases) goes here.
+            }
+        }
+    }
+
+    fn refreshed(&mut self, id: u64, refresh: Refresh) {
+        let Some(entry) = self.leases.get_mut(&id) else {
+            return;
+        };
+        entry.refreshing = false;
+        let cfg = &entry.lease.client.0.config;
+        let key_id = || crate::key_id(entry.lease.shared.key());
+        let next = match refresh {
+            Refresh::Done { version, sent } => {
+                entry.lease.version = version;
+                entry.lease.sent = sent;
+                entry
+                    .lease
+                    .shared
+                    .set_deadline(sent + cfg.ttl - cfg.margin());
+                tracing::trace!(target: "dimutex", key_id = key_id(), "refreshed");
+                Some(on_grid(sent + cfg.refresh_interval))
+            }
+            Refresh::Failed => Some(Instant::now() + FAILED_REFRESH_RETRY),
+            Refresh::Gone => {
+                tracing::warn!(target: "dimutex", key_id = key_id(), "lease lost: the lock object was changed by another owner");
+                entry.lost = Some(true);
+                entry.lease.shared.mark_lost();
+                None
+            }
+            Refresh::Expired => {
+                tracing::warn!(target: "dimutex", key_id = key_id(), "lease lost: refresh failed until the local deadline");
+                entry.lost = Some(false);
+                entry.lease.shared.mark_lost();
+                None
+            }
+        };
+        if let Some(reply) = entry.release_wanted.take() {
+            self.release(id, reply);
+        } else if let Some(next) = next {
+            self.schedule(id, next);
+        }
+    }
+}
+
+/// The next command, or `None` once every sender is gone.
+async fn recv(commands: &mut Option<mpsc::UnboundedReceiver<Command>>) -> Option<Command> {
+    match commands {
+        Some(rx) => rx.recv().await,
+        None => None,
     }
 }
 
 /// Resolves once the client is shut down (the `watch::Ref` is dropped at once: it is not `Send`).
 async fn shut_down(rx: &mut watch::Receiver<bool>) {
-    let _ = rx.wait_for(|s| *s).await;
+    if rx.wait_for(|s| *s).await.is_err() {
+        // The client is gone; only guards remain, and they release their leases themselves.
+        std::future::pending::<()>().await;
+    }
 }
 
-async fn refresh(inner: &Inner, lease: &Lease, deadline: Instant) -> Refresh {
+async fn refresh(
+    inner: &Inner,
+    name: &str,
+    owner: &str,
+    version: Version,
+    deadline: Instant,
+) -> Refresh {
     let cfg = &inner.config;
     let md = object::refresh_metadata(cfg.ttl, (cfg.clock)());
     let backend = &*inner.backend;
-    let name = lease.name.as_str();
-    let version = lease.version;
     let attempt = inner.call(|| backend.refresh(name, version, &md), Some(deadline));
     let Ok(a) = tokio::time::timeout_at(deadline.into(), attempt).await else {
         return Refresh::Expired;
@@ -155,7 +457,7 @@ async fn refresh(inner: &Inner, lease: &Lease, deadline: Instant) -> Refresh {
                 Ok(reply) => match reply.into_value() {
                     Some(state)
                         if state.version().generation() == version.generation()
-                            && object::owner_of(&state) == Some(lease.owner.as_str())
+                            && object::owner_of(&state) == Some(owner)
                             && state.metadata().get(object::EXPIRES) == md.get(object::EXPIRES) =>
                     {
                         Refresh::Done {
@@ -186,31 +488,53 @@ impl Refresh {
     }
 }
 
-async fn release(inner: &Inner, lease: &Lease, gone: bool) -> Result<bool, Error> {
+async fn release(
+    inner: &Inner,
+    name: &str,
+    shared: &LeaseShared,
+    version: Version,
+    sent: Instant,
+    gone: bool,
+) -> Result<bool, Error> {
     if gone {
         return Ok(false);
     }
     let backend = &*inner.backend;
-    let name = lease.name.as_str();
-    let version = lease.version;
     if inner.recently_throttled() {
         // The backend enforces about one mutation per second per object: a delete sooner
         // after our last write would only be refused.
-        tokio::time::sleep_until((lease.sent + MUTATION_WINDOW + SEND_MARGIN).into()).await;
+        tokio::time::sleep_until((sent + MUTATION_WINDOW + SEND_MARGIN).into()).await;
     }
     // Keep trying while the lease is ours (a delete right after the create meets GCS's
     // one-mutation-per-second limit); after that, expiry frees the lock anyway.
-    let give_up = (Instant::now() + inner.config.retry.max_elapsed()).max(lease.shared.deadline());
+    let give_up = (Instant::now() + inner.config.retry.max_elapsed()).max(shared.deadline());
     let a = inner
         .call(|| backend.release(name, version), Some(give_up))
         .await;
     // Changed or gone, after an attempt of ours that may have landed: while our lease was
     // live nobody else could take the lock over (takeover needs the server-judged expiry,
     // which comes after our local deadline), so the change was our own delete.
-    let ours = a.ambiguous && Instant::now() < lease.shared.deadline();
+    let ours = a.ambiguous && Instant::now() < shared.deadline();
     match a.result {
         Ok(_) => Ok(true),
         Err(BackendError::NotFound | BackendError::PreconditionFailed) => Ok(ours),
         Err(e) => Err(inner.failure(e)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grid_rounds_down_by_less_than_a_tick() {
+        let now = Instant::now();
+        for ms in [0u64, 1, 99, 100, 101, 12_345] {
+            let t = now + Duration::from_millis(ms);
+            let g = on_grid(t);
+            assert!(g <= t);
+            assert!(t - g < TICK);
+            assert_eq!(on_grid(g), g);
+        }
     }
 }

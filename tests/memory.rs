@@ -183,3 +183,33 @@ async fn status_and_force_release() {
     let backend = MemoryBackend::new();
     scenarios::status_and_force_release(&env(&backend, "ops")).await;
 }
+
+/// A process that stops running (here: its runtime's only thread blocked) past the lease's
+/// deadline learns that the lease is lost as soon as it runs again, and refreshes nothing.
+#[tokio::test(flavor = "current_thread")]
+async fn a_stalled_runtime_sees_its_lease_lost_when_it_resumes() {
+    use std::time::{Duration, Instant};
+    let backend = MemoryBackend::new();
+    let client = dimutex::Client::builder(backend.clone())
+        .ttl(Duration::from_secs(2))
+        .build()
+        .unwrap();
+    let guard = client.try_acquire("stalled").await.unwrap();
+    // One refresh happens while the runtime runs (first refresh within the 1 s interval).
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert!(guard.is_healthy());
+    let requests_before = backend.request_count();
+    assert!(requests_before >= 2, "acquired and refreshed at least once");
+    std::thread::sleep(Duration::from_secs(3));
+    let resumed = Instant::now();
+    tokio::time::timeout(Duration::from_secs(1), guard.lost())
+        .await
+        .expect("the lost signal fires at once after the stall");
+    eprintln!("lost signalled {:?} after resuming", resumed.elapsed());
+    assert!(!guard.is_healthy());
+    assert_eq!(
+        backend.request_count(),
+        requests_before,
+        "no refresh is sent for a lease past its deadline"
+    );
+}
