@@ -556,15 +556,15 @@ impl Client {
         let shared = Arc::new(LeaseShared::new(
             id,
             key,
+            name,
             state.version().generation(),
             sent + cfg.ttl - cfg.margin(),
         ));
-        inner.local.insert(&name, shared.clone());
+        inner.local.insert(shared.name(), shared.clone());
         let lease = lease::Lease {
             client: lease::Counted::new(inner.clone()),
             shared: shared.clone(),
-            name: name.into(),
-            owner: owner.into(),
+            owner,
             version: state.version(),
             sent,
         };

@@ -90,6 +90,8 @@ impl fmt::Display for FencingToken {
 pub(crate) struct LeaseShared {
     id: u64,
     key: LockKey,
+    /// The lock object's name.
+    name: String,
     token: FencingToken,
     /// Lost, or ended.
     lost: AtomicBool,
@@ -98,10 +100,17 @@ pub(crate) struct LeaseShared {
 }
 
 impl LeaseShared {
-    pub(crate) fn new(id: u64, key: LockKey, generation: i64, deadline: Instant) -> Self {
+    pub(crate) fn new(
+        id: u64,
+        key: LockKey,
+        name: String,
+        generation: i64,
+        deadline: Instant,
+    ) -> Self {
         Self {
             id,
             key,
+            name,
             token: FencingToken(generation),
             lost: AtomicBool::new(false),
             notify: Notify::new(),
@@ -123,6 +132,10 @@ impl LeaseShared {
 
     pub(crate) fn key(&self) -> &LockKey {
         &self.key
+    }
+
+    pub(crate) fn name(&self) -> &str {
+        &self.name
     }
 
     fn is_lost(&self) -> bool {

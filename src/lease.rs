@@ -52,8 +52,7 @@ impl Drop for Counted {
 pub(crate) struct Lease {
     pub(crate) client: Counted,
     pub(crate) shared: Arc<LeaseShared>,
-    pub(crate) name: Arc<str>,
-    pub(crate) owner: Arc<str>,
+    pub(crate) owner: String,
     pub(crate) version: Version,
     /// When the last successful write was sent.
     pub(crate) sent: Instant,
@@ -299,11 +298,11 @@ impl Driver {
             }
             entry.refreshing = true;
             let inner = entry.lease.client.0.clone();
-            let name = entry.lease.name.clone();
+            let shared = entry.lease.shared.clone();
             let owner = entry.lease.owner.clone();
             let version = entry.lease.version;
             self.ops.push(Box::pin(async move {
-                let r = refresh(&inner, &name, &owner, version, deadline).await;
+                let r = refresh(&inner, shared.name(), &owner, version, deadline).await;
                 (id, Outcome::Refreshed(r))
             }));
         }
@@ -335,13 +334,12 @@ impl Driver {
         entry.releasing = true;
         entry.reply = reply;
         let inner = entry.lease.client.0.clone();
-        let name = entry.lease.name.clone();
         let shared = entry.lease.shared.clone();
         let version = entry.lease.version;
         let sent = entry.lease.sent;
         let gone = entry.lost == Some(true);
         self.ops.push(Box::pin(async move {
-            let r = release(&inner, &name, &shared, version, sent, gone).await;
+            let r = release(&inner, &shared, version, sent, gone).await;
             (id, Outcome::Released(r))
         }));
     }
@@ -362,7 +360,11 @@ impl Driver {
                         tracing::warn!(target: "dimutex", key_id = crate::key_id(lease.shared.key()), error = %e, "release failed; the lease will expire")
                     }
                 }
-                lease.client.0.local.remove(&lease.name, &lease.shared);
+                lease
+                    .client
+                    .0
+                    .local
+                    .remove(lease.shared.name(), &lease.shared);
                 lease.shared.mark_lost();
                 if let Some(reply) = entry.reply {
                     let _ = reply.send(result);
@@ -490,7 +492,6 @@ impl Refresh {
 
 async fn release(
     inner: &Inner,
-    name: &str,
     shared: &LeaseShared,
     version: Version,
     sent: Instant,
@@ -500,6 +501,7 @@ async fn release(
         return Ok(false);
     }
     let backend = &*inner.backend;
+    let name = shared.name();
     if inner.recently_throttled() {
         // The backend enforces about one mutation per second per object: a delete sooner
         // after our last write would only be refused.

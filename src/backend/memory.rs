@@ -74,7 +74,11 @@ impl MemoryBackend {
     /// assert!(dimutex::backend::MemoryBackend::new().object_names().is_empty());
     /// ```
     pub fn object_names(&self) -> Vec<String> {
-        self.store.list("").into_iter().map(|o| o.name).collect()
+        self.store
+            .list("")
+            .into_iter()
+            .map(|o| o.name.clone())
+            .collect()
     }
 
     /// How many requests (of the five [`Backend`] methods) this backend has served.
@@ -115,7 +119,7 @@ impl MemoryBackend {
 
     fn write_result(
         &self,
-        result: Result<StoredObject, StoreError>,
+        result: Result<Arc<StoredObject>, StoreError>,
     ) -> Result<Reply<ObjectState>, BackendError> {
         result
             .map(|o| self.reply(state(o)))
@@ -140,11 +144,11 @@ impl MemoryBackend {
     }
 }
 
-fn state(o: StoredObject) -> ObjectState {
-    ObjectState::new(
+fn state(o: Arc<StoredObject>) -> ObjectState {
+    ObjectState::with_shared_metadata(
         Version::new(o.generation, o.metageneration),
         o.updated,
-        o.metadata,
+        o.metadata.clone(),
     )
     .with_created(o.created)
 }

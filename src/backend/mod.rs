@@ -9,6 +9,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 #[cfg(feature = "gcs")]
@@ -77,12 +78,21 @@ pub struct ObjectState {
     version: Version,
     updated: SystemTime,
     created: Option<SystemTime>,
-    metadata: Metadata,
+    /// Shared with the in-memory store's copy: a reply costs no copy of the metadata.
+    metadata: Arc<Metadata>,
 }
 
 impl ObjectState {
     /// An object state from its parts.
     pub fn new(version: Version, updated: SystemTime, metadata: Metadata) -> Self {
+        Self::with_shared_metadata(version, updated, Arc::new(metadata))
+    }
+
+    pub(crate) fn with_shared_metadata(
+        version: Version,
+        updated: SystemTime,
+        metadata: Arc<Metadata>,
+    ) -> Self {
         Self {
             version,
             updated,

@@ -6,8 +6,8 @@
 //! two fronts on this one model, so they cannot drift apart.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use super::Metadata;
@@ -29,7 +29,7 @@ pub(crate) struct StoredObject {
     pub metageneration: i64,
     pub created: SystemTime,
     pub updated: SystemTime,
-    pub metadata: Metadata,
+    pub metadata: Arc<Metadata>,
     pub cache_control: Option<String>,
     pub content_type: Option<String>,
     pub data: Vec<u8>,
@@ -51,7 +51,8 @@ pub(crate) type MetadataPatch = Vec<(String, Option<String>)>;
 
 #[derive(Debug, Default)]
 struct Inner {
-    objects: HashMap<String, StoredObject>,
+    /// Shared with the replies that carry them: a reply costs no copy.
+    objects: HashMap<String, Arc<StoredObject>>,
     last_mutation: HashMap<String, Instant>,
     last_generation: i64,
 }
@@ -87,7 +88,7 @@ impl Store {
         }
     }
 
-    pub fn get(&self, name: &str) -> Result<StoredObject, StoreError> {
+    pub fn get(&self, name: &str) -> Result<Arc<StoredObject>, StoreError> {
         let inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         inner.objects.get(name).cloned().ok_or(StoreError::NotFound)
     }
@@ -95,7 +96,11 @@ impl Store {
     /// Reads an object under preconditions, as GCS does for GET: a failed `if*Match` is 412,
     /// a failed `if*NotMatch` is 304. (Only the fake server reads under preconditions.)
     #[cfg_attr(not(feature = "testing"), allow(dead_code))]
-    pub fn get_checked(&self, name: &str, pre: Preconditions) -> Result<StoredObject, StoreError> {
+    pub fn get_checked(
+        &self,
+        name: &str,
+        pre: Preconditions,
+    ) -> Result<Arc<StoredObject>, StoreError> {
         let object = self.get(name)?;
         let matches = Preconditions {
             if_generation_not_match: None,
@@ -112,7 +117,7 @@ impl Store {
         Ok(object)
     }
 
-    pub fn list(&self, prefix: &str) -> Vec<StoredObject> {
+    pub fn list(&self, prefix: &str) -> Vec<Arc<StoredObject>> {
         let inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         let mut out: Vec<_> = inner
             .objects
@@ -139,23 +144,23 @@ impl Store {
         content_type: Option<String>,
         data: Vec<u8>,
         pre: Preconditions,
-    ) -> Result<StoredObject, StoreError> {
+    ) -> Result<Arc<StoredObject>, StoreError> {
         let now = self.now();
         let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        check(inner.objects.get(name), pre, true)?;
+        check(inner.objects.get(name).map(Arc::as_ref), pre, true)?;
         self.throttle_check(&mut inner, name)?;
         let generation = next_generation(&mut inner, now);
-        let object = StoredObject {
+        let object = Arc::new(StoredObject {
             name: name.to_owned(),
             generation,
             metageneration: 1,
             created: now,
             updated: now,
-            metadata,
+            metadata: Arc::new(metadata),
             cache_control,
             content_type,
             data,
-        };
+        });
         inner.objects.insert(name.to_owned(), object.clone());
         Ok(object)
     }
@@ -166,26 +171,29 @@ impl Store {
         name: &str,
         patch: MetadataPatch,
         pre: Preconditions,
-    ) -> Result<StoredObject, StoreError> {
+    ) -> Result<Arc<StoredObject>, StoreError> {
         let now = self.now();
         let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        check(inner.objects.get(name), pre, false)?;
+        check(inner.objects.get(name).map(Arc::as_ref), pre, false)?;
         self.throttle_check(&mut inner, name)?;
-        let object = inner.objects.get_mut(name).ok_or(StoreError::NotFound)?;
+        let entry = inner.objects.get_mut(name).ok_or(StoreError::NotFound)?;
+        // Copied only if a reply still shares it.
+        let object = Arc::make_mut(entry);
+        let metadata = Arc::make_mut(&mut object.metadata);
         for (key, value) in patch {
             match value {
-                Some(value) => object.metadata.insert(key, value),
-                None => object.metadata.remove(&key),
+                Some(value) => metadata.insert(key, value),
+                None => metadata.remove(&key),
             };
         }
         object.metageneration += 1;
         object.updated = now.max(object.updated);
-        Ok(object.clone())
+        Ok(entry.clone())
     }
 
     pub fn delete(&self, name: &str, pre: Preconditions) -> Result<(), StoreError> {
         let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        check(inner.objects.get(name), pre, false)?;
+        check(inner.objects.get(name).map(Arc::as_ref), pre, false)?;
         self.throttle_check(&mut inner, name)?;
         inner.objects.remove(name);
         Ok(())
@@ -270,7 +278,11 @@ mod tests {
         }
     }
 
-    fn insert(store: &Store, name: &str, pre: Preconditions) -> Result<StoredObject, StoreError> {
+    fn insert(
+        store: &Store,
+        name: &str,
+        pre: Preconditions,
+    ) -> Result<Arc<StoredObject>, StoreError> {
         store.insert(name, Metadata::new(), None, None, b"x".to_vec(), pre)
     }
 

@@ -447,7 +447,7 @@ impl FakeGcs {
     pub fn object_names(&self, bucket: &str) -> Vec<String> {
         self.shared
             .bucket(bucket)
-            .map(|s| s.list("").into_iter().map(|o| o.name).collect())
+            .map(|s| s.list("").into_iter().map(|o| o.name.clone()).collect())
             .unwrap_or_default()
     }
 
@@ -477,7 +477,7 @@ impl FakeGcs {
         self.shared
             .bucket(bucket)
             .and_then(|s| s.get(name).ok())
-            .map(|o| o.metadata)
+            .map(|o| Metadata::clone(&o.metadata))
     }
 
     /// Queues a one-shot fault: it applies to the next request matching the rule, then is used
@@ -1376,9 +1376,12 @@ fn execute(prepared: Prepared) -> Response<Body> {
             json_response(StatusCode::OK, &Value::Object(list))
         }
         Op::Get { object, media, pre } => match store.get_checked(&object, pre) {
-            Ok(o) if media => {
-                media_response(o.data, o.content_type, o.generation, o.metageneration)
-            }
+            Ok(o) if media => media_response(
+                o.data.clone(),
+                o.content_type.clone(),
+                o.generation,
+                o.metageneration,
+            ),
             Ok(o) => json_response(StatusCode::OK, &wire::object_resource(&bucket, &o)),
             Err(e) => store_error(e, &bucket, &object),
         },
