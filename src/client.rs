@@ -717,7 +717,15 @@ fn jitter(max: Duration) -> Duration {
 
 /// A fresh owner: the readable identity and a random 128-bit nonce.
 fn new_owner(identity: &str) -> String {
-    format!("{identity}#{:032x}", rand::random::<u128>())
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let nonce = rand::random::<u128>();
+    let mut owner = String::with_capacity(identity.len() + 33);
+    owner.push_str(identity);
+    owner.push('#');
+    for i in (0..32).rev() {
+        owner.push(char::from(HEX[((nonce >> (i * 4)) & 0xf) as usize]));
+    }
+    owner
 }
 
 /// Configures a [`Client`]. Invalid settings are reported by [`build`](Self::build), never
@@ -942,6 +950,9 @@ mod tests {
     fn owners_are_unique_and_carry_the_identity() {
         let a = new_owner("host:1");
         assert!(a.starts_with("host:1#"));
+        let nonce = &a["host:1#".len()..];
+        assert_eq!(nonce.len(), 32);
+        assert!(nonce.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()));
         assert_ne!(a, new_owner("host:1"));
     }
 }

@@ -33,14 +33,41 @@ const DATE_RESOLUTION: Duration = Duration::from_secs(1);
 const EXPIRES_FORMAT: &[BorrowedFormatItem<'static>] =
     format_description!("[year]-[day]-[month] [hour]:[minute]:[second].[subsecond digits:6] UTC");
 
-/// Formats a time as Python `dimutex` writes `expires`.
+/// Formats a time as Python `dimutex` writes `expires` (`EXPIRES_FORMAT`), digit by digit:
+/// this runs on every acquisition and refresh, and the format interpreter of `time` costs
+/// several times more. Times before 1970 or after 9999 (a broken wall clock) are written as
+/// the epoch.
 pub(crate) fn format_expires(at: SystemTime) -> String {
-    let at = OffsetDateTime::from(at);
-    at.format(EXPIRES_FORMAT).unwrap_or_else(|_| {
-        OffsetDateTime::UNIX_EPOCH
-            .format(EXPIRES_FORMAT)
-            .unwrap_or_default()
-    })
+    let at = at
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .ok()
+        .and_then(|d| OffsetDateTime::from_unix_timestamp_nanos(d.as_nanos() as i128).ok())
+        .filter(|t| (0..=9999).contains(&t.year()))
+        .unwrap_or(OffsetDateTime::UNIX_EPOCH);
+    let mut out = String::with_capacity(30);
+    push_digits(&mut out, at.year() as u32, 4);
+    out.push('-');
+    push_digits(&mut out, u32::from(at.day()), 2);
+    out.push('-');
+    push_digits(&mut out, u32::from(u8::from(at.month())), 2);
+    out.push(' ');
+    push_digits(&mut out, u32::from(at.hour()), 2);
+    out.push(':');
+    push_digits(&mut out, u32::from(at.minute()), 2);
+    out.push(':');
+    push_digits(&mut out, u32::from(at.second()), 2);
+    out.push('.');
+    push_digits(&mut out, at.microsecond(), 6);
+    out.push_str(" UTC");
+    out
+}
+
+/// Appends the last `width` decimal digits of `n`, zero-padded.
+fn push_digits(out: &mut String, n: u32, width: u32) {
+    for i in (0..width).rev() {
+        let digit = (n / 10u32.pow(i)) % 10;
+        out.push(char::from(b'0' + digit as u8));
+    }
 }
 
 /// Parses Python `dimutex`'s `expires`.
@@ -144,6 +171,27 @@ mod tests {
 
     fn at(secs: u64, micros: u64) -> SystemTime {
         SystemTime::UNIX_EPOCH + Duration::from_secs(secs) + Duration::from_micros(micros)
+    }
+
+    #[test]
+    fn expires_digits_match_the_format_description() {
+        use std::time::{Duration, UNIX_EPOCH};
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        for _ in 0..2000 {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            // Any microsecond between 1970 and 2200.
+            let micros = seed % (230 * 365 * 86_400 * 1_000_000);
+            let at = UNIX_EPOCH + Duration::from_micros(micros);
+            let expected = OffsetDateTime::from(at).format(EXPIRES_FORMAT).unwrap();
+            assert_eq!(format_expires(at), expected);
+            assert_eq!(parse_expires(&expected), Some(at));
+        }
+        assert_eq!(
+            format_expires(UNIX_EPOCH + Duration::from_secs(400 * 365 * 86_400 * 100)),
+            "1970-01-01 00:00:00.000000 UTC"
+        );
     }
 
     #[test]
