@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
-use tokio::sync::{Notify, mpsc, watch};
+use tokio::sync::{Notify, watch};
 
 use crate::backend::{Backend, BackendError, BoxFuture, ObjectState};
 use crate::backoff::{Backoff, RetryPolicy};
@@ -50,7 +50,7 @@ pub(crate) struct Inner {
     drained: Notify,
     /// The lease driver of this client (started on the first acquisition, and again if the
     /// runtime it ran on has stopped).
-    driver: std::sync::Mutex<Option<mpsc::UnboundedSender<lease::Command>>>,
+    driver: std::sync::Mutex<Option<lease::DriverHandle>>,
     next_lease_id: AtomicU64,
     /// Set once by [`Client::shutdown`].
     pub(crate) shutdown: watch::Sender<bool>,
@@ -569,9 +569,8 @@ impl Client {
             sent,
         };
         let driver = inner.driver();
-        // Refused only if the runtime stops this very moment: the lease then expires.
-        let _ = driver.send(lease::Command::Hold(lease));
-        LockGuard::new(shared, driver)
+        driver.hold(lease);
+        LockGuard::new(shared, driver.commands())
     }
 
     async fn call<'a, T, F>(&'a self, op: F, retry_rate_limited: bool) -> Attempted<T>
@@ -585,14 +584,14 @@ impl Client {
 impl Inner {
     /// The lease driver, started on the current runtime if there is none (or its runtime
     /// has stopped).
-    fn driver(&self) -> mpsc::UnboundedSender<lease::Command> {
+    fn driver(&self) -> lease::DriverHandle {
         let mut driver = self.driver.lock().unwrap_or_else(|e| e.into_inner());
         match &*driver {
-            Some(tx) if !tx.is_closed() => tx.clone(),
+            Some(handle) if !handle.is_closed() => handle.clone(),
             _ => {
-                let tx = lease::spawn_driver(self.shutdown.subscribe());
-                *driver = Some(tx.clone());
-                tx
+                let handle = lease::spawn_driver(self.shutdown.subscribe());
+                *driver = Some(handle.clone());
+                handle
             }
         }
     }
@@ -952,7 +951,11 @@ mod tests {
         assert!(a.starts_with("host:1#"));
         let nonce = &a["host:1#".len()..];
         assert_eq!(nonce.len(), 32);
-        assert!(nonce.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()));
+        assert!(
+            nonce
+                .bytes()
+                .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+        );
         assert_ne!(a, new_owner("host:1"));
     }
 }

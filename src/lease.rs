@@ -1,9 +1,12 @@
 //! The life of held leases: one driver task per client refreshes them, signals a lost lease,
 //! and releases them.
 //!
-//! Acquiring a lock hands the lease to the driver ([`Command::Hold`]); a guard asks for its
-//! release with [`Command::Release`] — dropping a guard only sends that message, so `Drop` does
-//! no work of its own. The driver keeps one timer for all its leases: each lease has exactly one
+//! Acquiring a lock leaves the lease in the driver's [`Inbox`], which the driver empties at
+//! every wake-up; it is woken for that only when it would not otherwise wake within a
+//! [`TICK`] (a lease needs nothing from the driver before its first refresh, at least a
+//! quarter of the refresh interval later), so a busy client does not wake it per
+//! acquisition. A guard asks for its release with [`Command::Release`] — dropping a guard
+//! only sends that message, so `Drop` does no work of its own. The driver keeps one timer for all its leases: each lease has exactly one
 //! wake-up in a sorted set (its next refresh, or its local deadline if that comes first), and
 //! refresh times are rounded down to a grid of [`TICK`], so the refreshes of many leases go out
 //! together in one wake-up. Refreshes and releases run concurrently inside the driver task.
@@ -12,7 +15,8 @@ use std::collections::{BTreeSet, HashMap};
 use std::future::Future;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::pin::Pin;
-use std::sync::{Arc, OnceLock};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use futures_util::stream::{FuturesUnordered, StreamExt};
@@ -26,8 +30,8 @@ use crate::object;
 
 /// What the client and the guards tell the driver.
 pub(crate) enum Command {
-    /// A lease was just acquired.
-    Hold(Lease),
+    /// Leases wait in the inbox.
+    Adopt,
     /// Release the lease `id`, answering on `reply` if someone waits for the outcome.
     Release { id: u64, reply: ReleaseRequest },
 }
@@ -114,10 +118,20 @@ fn first_refresh_delay(interval: Duration) -> Duration {
     interval.mul_f64(rand::random_range(0.25..=1.0))
 }
 
+/// The reference point of the refresh grid and of [`Inbox::looks_by`].
+fn origin() -> Instant {
+    static ORIGIN: OnceLock<Instant> = OnceLock::new();
+    *ORIGIN.get_or_init(Instant::now)
+}
+
+/// `t` in nanoseconds since [`origin`] (0 before it).
+fn since_origin(t: Instant) -> u64 {
+    t.saturating_duration_since(origin()).as_nanos() as u64
+}
+
 /// `t` rounded down to the refresh grid.
 fn on_grid(t: Instant) -> Instant {
-    static ORIGIN: OnceLock<Instant> = OnceLock::new();
-    let origin = *ORIGIN.get_or_init(Instant::now);
+    let origin = origin();
     match t.checked_duration_since(origin) {
         Some(since) => {
             let tick = TICK.as_nanos();
@@ -148,11 +162,61 @@ impl Hasher for IdHasher {
     }
 }
 
-/// Starts a driver on the current runtime; its commands go to the returned sender. It stops
-/// once every sender is gone and its last release is done.
-pub(crate) fn spawn_driver(shutdown: watch::Receiver<bool>) -> mpsc::UnboundedSender<Command> {
+/// Where acquisitions leave new leases for the driver.
+pub(crate) struct Inbox {
+    leases: Mutex<Vec<Lease>>,
+    /// By when the driver will next empty the inbox without being told, in nanoseconds since
+    /// [`origin`]; `u64::MAX` when it is not sure to.
+    looks_by: AtomicU64,
+}
+
+/// A client's way to its driver.
+#[derive(Clone)]
+pub(crate) struct DriverHandle {
+    commands: mpsc::UnboundedSender<Command>,
+    inbox: Arc<Inbox>,
+}
+
+impl DriverHandle {
+    /// Whether the driver is gone (its runtime stopped).
+    pub(crate) fn is_closed(&self) -> bool {
+        self.commands.is_closed()
+    }
+
+    /// The channel a guard asks for its release on.
+    pub(crate) fn commands(&self) -> mpsc::UnboundedSender<Command> {
+        self.commands.clone()
+    }
+
+    /// Hands a new lease to the driver, waking it only if it would not empty the inbox
+    /// within a tick anyway.
+    pub(crate) fn hold(&self, lease: Lease) {
+        let first = {
+            let mut leases = self.inbox.leases.lock().unwrap_or_else(|e| e.into_inner());
+            leases.push(lease);
+            leases.len() == 1
+        };
+        // A lease behind another one is covered by the wake-up that one arranged.
+        if first
+            && self.inbox.looks_by.load(Ordering::Acquire) > since_origin(Instant::now() + TICK)
+        {
+            // Refused only if the runtime stops this very moment: the lease then expires.
+            let _ = self.commands.send(Command::Adopt);
+        }
+    }
+}
+
+/// Starts a driver on the current runtime. It stops once every sender is gone and its last
+/// release is done.
+pub(crate) fn spawn_driver(shutdown: watch::Receiver<bool>) -> DriverHandle {
     let (tx, rx) = mpsc::unbounded_channel();
+    let inbox = Arc::new(Inbox {
+        leases: Mutex::new(Vec::new()),
+        looks_by: AtomicU64::new(u64::MAX),
+    });
     let driver = Driver {
+        inbox: inbox.clone(),
+        adopt_at: None,
         commands: Some(rx),
         shutdown,
         shutting_down: false,
@@ -161,10 +225,16 @@ pub(crate) fn spawn_driver(shutdown: watch::Receiver<bool>) -> mpsc::UnboundedSe
         ops: FuturesUnordered::new(),
     };
     tokio::spawn(driver.run());
-    tx
+    DriverHandle {
+        commands: tx,
+        inbox,
+    }
 }
 
 struct Driver {
+    inbox: Arc<Inbox>,
+    /// While acquisitions keep coming: when to empty the inbox next.
+    adopt_at: Option<Instant>,
     /// `None` once every sender is gone.
     commands: Option<mpsc::UnboundedReceiver<Command>>,
     shutdown: watch::Receiver<bool>,
@@ -181,18 +251,40 @@ impl Driver {
         tokio::pin!(sleep);
         let mut armed: Option<Instant> = None;
         loop {
+            // While awake, the driver may miss a lease left in the inbox from here on: ask
+            // for a wake-up, until it has decided when it sleeps until.
+            self.inbox.looks_by.store(u64::MAX, Ordering::Release);
+            let adopted = self.adopt();
             // Take the commands waiting without spending the task's cooperative budget on
             // each (`recv` would: on a busy runtime the driver would fall behind its clients);
             // then finished work, due timers, and only then wait for more commands.
             self.drain_commands();
-            let next = self.timers.first().map(|&(at, _)| at);
+            let now = Instant::now();
+            match self.adopt_at {
+                Some(at) if at > now => {}
+                // Acquisitions keep coming: pick the next ones up within a tick, unwoken.
+                _ => self.adopt_at = (adopted > 0).then(|| now + TICK),
+            }
+            let next = match (self.timers.first().map(|&(at, _)| at), self.adopt_at) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
             if next != armed {
                 if let Some(at) = next {
                     sleep.as_mut().reset(at.into());
                 }
                 armed = next;
             }
-            if self.commands.is_none() && self.ops.is_empty() && self.leases.is_empty() {
+            if let Some(at) = armed {
+                self.inbox
+                    .looks_by
+                    .store(since_origin(at), Ordering::Release);
+            }
+            if self.commands.is_none()
+                && self.ops.is_empty()
+                && self.leases.is_empty()
+                && self.inbox_is_empty()
+            {
                 return;
             }
             tokio::select! {
@@ -202,10 +294,12 @@ impl Driver {
                 }
                 _ = &mut sleep, if armed.is_some() => {
                     armed = None;
+                    self.adopt();
                     self.wake(Instant::now());
                 }
                 _ = shut_down(&mut self.shutdown), if !self.shutting_down => {
                     self.shutting_down = true;
+                    self.adopt();
                     let ids: Vec<u64> = self.leases.keys().copied().collect();
                     for id in ids {
                         self.release(id, None);
@@ -237,29 +331,62 @@ impl Driver {
 
     fn command(&mut self, command: Command) {
         match command {
-            Command::Hold(lease) => {
-                let id = lease.shared.id();
-                let cfg = &lease.client.0.config;
-                let first = on_grid(lease.sent + first_refresh_delay(cfg.refresh_interval));
-                self.leases.insert(
-                    id,
-                    Entry {
-                        lease,
-                        wake: None,
-                        refreshing: false,
-                        releasing: false,
-                        release_wanted: None,
-                        reply: None,
-                        lost: None,
-                    },
-                );
-                if self.shutting_down {
-                    self.release(id, None);
-                } else {
-                    self.schedule(id, first);
+            // The loop empties the inbox at every turn.
+            Command::Adopt => {}
+            Command::Release { id, reply } => {
+                if !self.leases.contains_key(&id) {
+                    // Left in the inbox after this turn emptied it.
+                    self.adopt();
                 }
+                self.release(id, reply)
             }
-            Command::Release { id, reply } => self.release(id, reply),
+        }
+    }
+
+    /// Takes over the leases waiting in the inbox; how many.
+    fn adopt(&mut self) -> usize {
+        let leases = {
+            let mut inbox = self.inbox.leases.lock().unwrap_or_else(|e| e.into_inner());
+            if inbox.is_empty() {
+                return 0;
+            }
+            std::mem::take(&mut *inbox)
+        };
+        let n = leases.len();
+        for lease in leases {
+            self.hold(lease);
+        }
+        n
+    }
+
+    fn inbox_is_empty(&self) -> bool {
+        self.inbox
+            .leases
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_empty()
+    }
+
+    fn hold(&mut self, lease: Lease) {
+        let id = lease.shared.id();
+        let cfg = &lease.client.0.config;
+        let first = on_grid(lease.sent + first_refresh_delay(cfg.refresh_interval));
+        self.leases.insert(
+            id,
+            Entry {
+                lease,
+                wake: None,
+                refreshing: false,
+                releasing: false,
+                release_wanted: None,
+                reply: None,
+                lost: None,
+            },
+        );
+        if self.shutting_down {
+            self.release(id, None);
+        } else {
+            self.schedule(id, first);
         }
     }
 

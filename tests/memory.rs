@@ -213,3 +213,38 @@ async fn a_stalled_runtime_sees_its_lease_lost_when_it_resumes() {
         "no refresh is sent for a lease past its deadline"
     );
 }
+
+/// Leases taken in bursts (most of them handed to the lease driver without waking it) are
+/// all refreshed: after more than a ttl every one is still healthy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leases_taken_in_bursts_are_all_refreshed() {
+    use std::time::Duration;
+    let backend = MemoryBackend::new();
+    let client = dimutex::Client::builder(backend.clone())
+        .ttl(Duration::from_secs(2))
+        .build()
+        .unwrap();
+    let mut guards = Vec::new();
+    for burst in 0..10 {
+        let takes = (0..30).map(|i| {
+            let client = client.clone();
+            tokio::spawn(async move { client.try_acquire(format!("burst-{burst}-{i}")).await })
+        });
+        for take in takes.collect::<Vec<_>>() {
+            guards.push(take.await.unwrap().unwrap());
+        }
+        tokio::time::sleep(Duration::from_millis(37)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(2600)).await;
+    let healthy = guards.iter().filter(|g| g.is_healthy()).count();
+    // Every request but the 300 creates is a refresh.
+    let refreshes = backend.request_count() - 300;
+    eprintln!("{healthy}/300 healthy after 2.6 s (ttl 2 s); {refreshes} refreshes");
+    assert_eq!(healthy, 300);
+    assert!(
+        refreshes >= 600,
+        "each lease refreshed at least twice: {refreshes}"
+    );
+    client.shutdown(Duration::from_secs(5)).await.unwrap();
+    assert_eq!(backend.object_count(), 0);
+}
