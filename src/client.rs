@@ -557,7 +557,8 @@ impl Client {
             id,
             key,
             name,
-            state.version().generation(),
+            state.version(),
+            sent,
             sent + cfg.ttl - cfg.margin(),
         ));
         inner.local.insert(shared.name(), shared.clone());
@@ -565,12 +566,10 @@ impl Client {
             client: lease::Counted::new(inner.clone()),
             shared: shared.clone(),
             owner,
-            version: state.version(),
-            sent,
         };
         let driver = inner.driver();
         driver.hold(lease);
-        LockGuard::new(shared, driver.commands())
+        LockGuard::new(shared, inner.clone(), driver)
     }
 
     async fn call<'a, T, F>(&'a self, op: F, retry_rate_limited: bool) -> Attempted<T>

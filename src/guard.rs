@@ -4,15 +4,17 @@ use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
 use std::time::Instant;
 
-use tokio::sync::{Notify, mpsc, oneshot};
+use tokio::sync::{Notify, oneshot};
 
+use crate::backend::Version;
+use crate::client::Inner;
 use crate::error::Error;
 use crate::key::LockKey;
-use crate::lease::Command;
+use crate::lease::{self, DriverHandle};
 
 /// What a guard sends its lease task to release: where to send the outcome, if anyone waits.
 pub(crate) type ReleaseRequest = Option<oneshot::Sender<Result<bool, Error>>>;
@@ -96,7 +98,34 @@ pub(crate) struct LeaseShared {
     /// Lost, or ended.
     lost: AtomicBool,
     notify: Notify,
-    deadline: Mutex<Instant>,
+    state: Mutex<LeaseState>,
+}
+
+/// Where a lease stands; changed by the lease driver and by [`LockGuard::release`].
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct LeaseState {
+    /// The object's version after our last write.
+    pub(crate) version: Version,
+    /// When our last successful write was sent.
+    pub(crate) sent: Instant,
+    /// `sent` + ttl − margin: past it, the lease is not ours any more.
+    pub(crate) deadline: Instant,
+    /// The driver has a refresh in flight.
+    pub(crate) refreshing: bool,
+    /// Its release has begun (by the driver, or by `LockGuard::release` in the caller's task).
+    pub(crate) releasing: bool,
+    /// Someone else changed or removed the object.
+    pub(crate) gone: bool,
+}
+
+/// Who may release a lease now.
+pub(crate) enum Claim {
+    /// The caller, with the lease's state at that moment.
+    Claimed(LeaseState),
+    /// Nobody yet: a refresh is in flight (the driver releases it afterwards).
+    Refreshing,
+    /// Nobody: its release has begun.
+    Releasing,
 }
 
 impl LeaseShared {
@@ -104,17 +133,42 @@ impl LeaseShared {
         id: u64,
         key: LockKey,
         name: String,
-        generation: i64,
+        version: Version,
+        sent: Instant,
         deadline: Instant,
     ) -> Self {
         Self {
             id,
             key,
             name,
-            token: FencingToken(generation),
+            token: FencingToken(version.generation()),
             lost: AtomicBool::new(false),
             notify: Notify::new(),
-            deadline: Mutex::new(deadline),
+            state: Mutex::new(LeaseState {
+                version,
+                sent,
+                deadline,
+                refreshing: false,
+                releasing: false,
+                gone: false,
+            }),
+        }
+    }
+
+    pub(crate) fn state(&self) -> MutexGuard<'_, LeaseState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Starts the release unless a refresh is in flight or the release has begun.
+    pub(crate) fn claim_release(&self) -> Claim {
+        let mut state = self.state();
+        if state.releasing {
+            Claim::Releasing
+        } else if state.refreshing {
+            Claim::Refreshing
+        } else {
+            state.releasing = true;
+            Claim::Claimed(*state)
         }
     }
 
@@ -123,11 +177,7 @@ impl LeaseShared {
     }
 
     pub(crate) fn deadline(&self) -> Instant {
-        *self.deadline.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    pub(crate) fn set_deadline(&self, deadline: Instant) {
-        *self.deadline.lock().unwrap_or_else(|e| e.into_inner()) = deadline;
+        self.state().deadline
     }
 
     pub(crate) fn key(&self) -> &LockKey {
@@ -138,7 +188,7 @@ impl LeaseShared {
         &self.name
     }
 
-    fn is_lost(&self) -> bool {
+    pub(crate) fn is_lost(&self) -> bool {
         self.lost.load(Ordering::Acquire)
     }
 
@@ -199,14 +249,16 @@ impl LeaseShared {
 #[must_use = "dropping the guard releases the lock at once"]
 pub struct LockGuard {
     held: HeldLock,
+    client: Arc<Inner>,
     /// The lease driver, until the release is asked for.
-    driver: Option<mpsc::UnboundedSender<Command>>,
+    driver: Option<DriverHandle>,
 }
 
 impl LockGuard {
-    pub(crate) fn new(shared: Arc<LeaseShared>, driver: mpsc::UnboundedSender<Command>) -> Self {
+    pub(crate) fn new(shared: Arc<LeaseShared>, client: Arc<Inner>, driver: DriverHandle) -> Self {
         Self {
             held: HeldLock { shared },
+            client,
             driver: Some(driver),
         }
     }
@@ -295,23 +347,10 @@ impl LockGuard {
     /// # Ok(()) }
     /// ```
     pub async fn release(mut self) -> Result<bool, Error> {
-        let (tx, rx) = oneshot::channel();
         let Some(driver) = self.driver.take() else {
             return Err(Error::ShutDown);
         };
-        let id = self.held.shared.id();
-        if driver
-            .send(Command::Release {
-                id,
-                reply: Some(tx),
-            })
-            .is_err()
-        {
-            // The lease driver is gone: its runtime stopped.
-            return Err(Error::ShutDown);
-        }
-        // No answer: the client was shut down and released the lease already.
-        rx.await.unwrap_or(Err(Error::ShutDown))
+        lease::release_from_guard(&self.client, &self.held.shared, driver).await
     }
 }
 
@@ -319,10 +358,7 @@ impl Drop for LockGuard {
     fn drop(&mut self) {
         if let Some(driver) = self.driver.take() {
             // Only a message: the driver does the release.
-            let _ = driver.send(Command::Release {
-                id: self.held.shared.id(),
-                reply: None,
-            });
+            driver.release(self.held.shared.id(), None);
         }
     }
 }

@@ -1,15 +1,19 @@
 //! The life of held leases: one driver task per client refreshes them, signals a lost lease,
-//! and releases them.
+//! and releases the ones whose guards were dropped.
 //!
 //! Acquiring a lock leaves the lease in the driver's [`Inbox`], which the driver empties at
 //! every wake-up; it is woken for that only when it would not otherwise wake within a
 //! [`TICK`] (a lease needs nothing from the driver before its first refresh, at least a
 //! quarter of the refresh interval later), so a busy client does not wake it per
-//! acquisition. A guard asks for its release with [`Command::Release`] — dropping a guard
-//! only sends that message, so `Drop` does no work of its own. The driver keeps one timer for all its leases: each lease has exactly one
+//! acquisition. The driver keeps one timer for all its leases: each lease has exactly one
 //! wake-up in a sorted set (its next refresh, or its local deadline if that comes first), and
-//! refresh times are rounded down to a grid of [`TICK`], so the refreshes of many leases go out
-//! together in one wake-up. Refreshes and releases run concurrently inside the driver task.
+//! refresh times are rounded down to a grid of [`TICK`], so the refreshes of many leases go
+//! out together. Refreshes and releases run concurrently inside the driver task.
+//!
+//! A dropped guard sends [`Command::Release`] (only a message: `Drop` does no work of its
+//! own). [`LockGuard::release`](crate::LockGuard::release) releases from the caller's task
+//! instead, unless a refresh is in flight, and tells the driver to forget the lease through
+//! the inbox; if that release is cancelled half-way, the driver takes it over.
 
 use std::collections::{BTreeSet, HashMap};
 use std::future::Future;
@@ -25,12 +29,12 @@ use tokio::sync::{mpsc, watch};
 use crate::backend::{BackendError, Version};
 use crate::client::{Inner, MUTATION_WINDOW};
 use crate::error::Error;
-use crate::guard::{LeaseShared, ReleaseRequest};
+use crate::guard::{Claim, LeaseShared, LeaseState, ReleaseRequest};
 use crate::object;
 
 /// What the client and the guards tell the driver.
 pub(crate) enum Command {
-    /// Leases wait in the inbox.
+    /// Something waits in the inbox.
     Adopt,
     /// Release the lease `id`, answering on `reply` if someone waits for the outcome.
     Release { id: u64, reply: ReleaseRequest },
@@ -57,9 +61,6 @@ pub(crate) struct Lease {
     pub(crate) client: Counted,
     pub(crate) shared: Arc<LeaseShared>,
     pub(crate) owner: String,
-    pub(crate) version: Version,
-    /// When the last successful write was sent.
-    pub(crate) sent: Instant,
 }
 
 /// A lease in the driver's care.
@@ -67,16 +68,12 @@ struct Entry {
     lease: Lease,
     /// The one wake-up of this lease in the timer set, if any.
     wake: Option<Instant>,
-    /// A refresh is in flight.
-    refreshing: bool,
-    /// The release is in flight.
-    releasing: bool,
     /// A release asked for while a refresh was in flight.
     release_wanted: Option<ReleaseRequest>,
+    /// The driver's own release is in flight.
+    driver_releasing: bool,
     /// Where the release's outcome goes.
     reply: ReleaseRequest,
-    /// `None` while held; `Some(gone)` once lost (`gone`: someone else changed the object).
-    lost: Option<bool>,
 }
 
 enum Refresh {
@@ -162,12 +159,26 @@ impl Hasher for IdHasher {
     }
 }
 
-/// Where acquisitions leave new leases for the driver.
+/// Where acquisitions leave new leases, and guard releases the leases they released, for the
+/// driver.
 pub(crate) struct Inbox {
-    leases: Mutex<Vec<Lease>>,
+    items: Mutex<InboxItems>,
     /// By when the driver will next empty the inbox without being told, in nanoseconds since
     /// [`origin`]; `u64::MAX` when it is not sure to.
     looks_by: AtomicU64,
+}
+
+#[derive(Default)]
+struct InboxItems {
+    leases: Vec<Lease>,
+    /// Leases released by their guards: the driver only forgets them.
+    released: Vec<u64>,
+}
+
+impl InboxItems {
+    fn is_empty(&self) -> bool {
+        self.leases.is_empty() && self.released.is_empty()
+    }
 }
 
 /// A client's way to its driver.
@@ -183,20 +194,31 @@ impl DriverHandle {
         self.commands.is_closed()
     }
 
-    /// The channel a guard asks for its release on.
-    pub(crate) fn commands(&self) -> mpsc::UnboundedSender<Command> {
-        self.commands.clone()
+    /// Asks the driver to release lease `id`, answering on `reply`.
+    pub(crate) fn release(&self, id: u64, reply: ReleaseRequest) -> bool {
+        self.commands.send(Command::Release { id, reply }).is_ok()
     }
 
-    /// Hands a new lease to the driver, waking it only if it would not empty the inbox
-    /// within a tick anyway.
+    /// Hands a new lease to the driver.
     pub(crate) fn hold(&self, lease: Lease) {
+        self.post(|items| items.leases.push(lease));
+    }
+
+    /// Tells the driver that the guard of lease `id` released it.
+    fn released(&self, id: u64) {
+        self.post(|items| items.released.push(id));
+    }
+
+    /// Leaves something in the inbox, waking the driver only if it would not empty the inbox
+    /// within a tick anyway.
+    fn post(&self, put: impl FnOnce(&mut InboxItems)) {
         let first = {
-            let mut leases = self.inbox.leases.lock().unwrap_or_else(|e| e.into_inner());
-            leases.push(lease);
-            leases.len() == 1
+            let mut items = self.inbox.items.lock().unwrap_or_else(|e| e.into_inner());
+            let first = items.is_empty();
+            put(&mut items);
+            first
         };
-        // A lease behind another one is covered by the wake-up that one arranged.
+        // Something behind another item is covered by the wake-up that one arranged.
         if first
             && self.inbox.looks_by.load(Ordering::Acquire) > since_origin(Instant::now() + TICK)
         {
@@ -211,7 +233,7 @@ impl DriverHandle {
 pub(crate) fn spawn_driver(shutdown: watch::Receiver<bool>) -> DriverHandle {
     let (tx, rx) = mpsc::unbounded_channel();
     let inbox = Arc::new(Inbox {
-        leases: Mutex::new(Vec::new()),
+        items: Mutex::new(InboxItems::default()),
         looks_by: AtomicU64::new(u64::MAX),
     });
     let driver = Driver {
@@ -343,25 +365,34 @@ impl Driver {
         }
     }
 
-    /// Takes over the leases waiting in the inbox; how many.
+    /// Takes over the leases waiting in the inbox and forgets those their guards released;
+    /// how many new leases.
     fn adopt(&mut self) -> usize {
-        let leases = {
-            let mut inbox = self.inbox.leases.lock().unwrap_or_else(|e| e.into_inner());
+        let items = {
+            let mut inbox = self.inbox.items.lock().unwrap_or_else(|e| e.into_inner());
             if inbox.is_empty() {
                 return 0;
             }
             std::mem::take(&mut *inbox)
         };
-        let n = leases.len();
-        for lease in leases {
+        let n = items.leases.len();
+        for lease in items.leases {
             self.hold(lease);
+        }
+        for id in items.released {
+            // Its guard released it (and took it off the local map); only our entry is left.
+            if let Some(entry) = self.leases.remove(&id) {
+                if let Some(at) = entry.wake {
+                    self.timers.remove(&(at, id));
+                }
+            }
         }
         n
     }
 
     fn inbox_is_empty(&self) -> bool {
         self.inbox
-            .leases
+            .items
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .is_empty()
@@ -370,17 +401,16 @@ impl Driver {
     fn hold(&mut self, lease: Lease) {
         let id = lease.shared.id();
         let cfg = &lease.client.0.config;
-        let first = on_grid(lease.sent + first_refresh_delay(cfg.refresh_interval));
+        let sent = lease.shared.state().sent;
+        let first = on_grid(sent + first_refresh_delay(cfg.refresh_interval));
         self.leases.insert(
             id,
             Entry {
                 lease,
                 wake: None,
-                refreshing: false,
-                releasing: false,
                 release_wanted: None,
+                driver_releasing: false,
                 reply: None,
-                lost: None,
             },
         );
         if self.shutting_down {
@@ -414,20 +444,26 @@ impl Driver {
                 continue;
             };
             entry.wake = None;
-            let deadline = entry.lease.shared.deadline();
-            if now >= deadline {
-                if entry.lost.is_none() {
-                    tracing::warn!(target: "dimutex", key_id = crate::key_id(entry.lease.shared.key()), "lease lost: no successful refresh before the local deadline");
-                    entry.lost = Some(false);
-                    entry.lease.shared.mark_lost();
-                }
-                continue;
-            }
-            entry.refreshing = true;
-            let inner = entry.lease.client.0.clone();
             let shared = entry.lease.shared.clone();
+            let (version, deadline) = {
+                let mut state = shared.state();
+                if state.releasing {
+                    // Its guard is releasing it.
+                    continue;
+                }
+                if now >= state.deadline {
+                    drop(state);
+                    if !shared.is_lost() {
+                        tracing::warn!(target: "dimutex", key_id = crate::key_id(shared.key()), "lease lost: no successful refresh before the local deadline");
+                        shared.mark_lost();
+                    }
+                    continue;
+                }
+                state.refreshing = true;
+                (state.version, state.deadline)
+            };
+            let inner = entry.lease.client.0.clone();
             let owner = entry.lease.owner.clone();
-            let version = entry.lease.version;
             self.ops.push(Box::pin(async move {
                 let r = refresh(&inner, shared.name(), &owner, version, deadline).await;
                 (id, Outcome::Refreshed(r))
@@ -442,31 +478,33 @@ impl Driver {
             // the shutdown.
             return;
         };
-        if entry.releasing {
+        if entry.driver_releasing {
             if entry.reply.is_none() {
                 entry.reply = reply;
             }
             return;
         }
-        if entry.refreshing {
-            match &mut entry.release_wanted {
-                Some(wanted) if wanted.is_some() => {}
-                wanted => *wanted = Some(reply),
+        let state = match entry.lease.shared.claim_release() {
+            Claim::Claimed(state) => state,
+            Claim::Refreshing => {
+                match &mut entry.release_wanted {
+                    Some(wanted) if wanted.is_some() => {}
+                    wanted => *wanted = Some(reply),
+                }
+                return;
             }
-            return;
-        }
+            // Its guard is releasing it from the caller's task.
+            Claim::Releasing => return,
+        };
         if let Some(at) = entry.wake.take() {
             self.timers.remove(&(at, id));
         }
-        entry.releasing = true;
+        entry.driver_releasing = true;
         entry.reply = reply;
         let inner = entry.lease.client.0.clone();
         let shared = entry.lease.shared.clone();
-        let version = entry.lease.version;
-        let sent = entry.lease.sent;
-        let gone = entry.lost == Some(true);
         self.ops.push(Box::pin(async move {
-            let r = release(&inner, &shared, version, sent, gone).await;
+            let r = release(&inner, &shared, state).await;
             (id, Outcome::Released(r))
         }));
     }
@@ -479,20 +517,7 @@ impl Driver {
                     return;
                 };
                 let lease = &entry.lease;
-                match &result {
-                    Ok(held) => {
-                        tracing::debug!(target: "dimutex", key_id = crate::key_id(lease.shared.key()), held, "released")
-                    }
-                    Err(e) => {
-                        tracing::warn!(target: "dimutex", key_id = crate::key_id(lease.shared.key()), error = %e, "release failed; the lease will expire")
-                    }
-                }
-                lease
-                    .client
-                    .0
-                    .local
-                    .remove(lease.shared.name(), &lease.shared);
-                lease.shared.mark_lost();
+                ended(&lease.client.0, &lease.shared, &result);
                 if let Some(reply) = entry.reply {
                     let _ = reply.send(result);
                 }
@@ -505,34 +530,36 @@ impl Driver {
         let Some(entry) = self.leases.get_mut(&id) else {
             return;
         };
-        entry.refreshing = false;
+        let shared = &entry.lease.shared;
         let cfg = &entry.lease.client.0.config;
-        let key_id = || crate::key_id(entry.lease.shared.key());
-        let next = match refresh {
-            Refresh::Done { version, sent } => {
-                entry.lease.version = version;
-                entry.lease.sent = sent;
-                entry
-                    .lease
-                    .shared
-                    .set_deadline(sent + cfg.ttl - cfg.margin());
-                tracing::trace!(target: "dimutex", key_id = key_id(), "refreshed");
-                Some(on_grid(sent + cfg.refresh_interval))
-            }
-            Refresh::Failed => Some(Instant::now() + FAILED_REFRESH_RETRY),
-            Refresh::Gone => {
-                tracing::warn!(target: "dimutex", key_id = key_id(), "lease lost: the lock object was changed by another owner");
-                entry.lost = Some(true);
-                entry.lease.shared.mark_lost();
-                None
-            }
-            Refresh::Expired => {
-                tracing::warn!(target: "dimutex", key_id = key_id(), "lease lost: refresh failed until the local deadline");
-                entry.lost = Some(false);
-                entry.lease.shared.mark_lost();
-                None
+        let key_id = || crate::key_id(shared.key());
+        let next = {
+            let mut state = shared.state();
+            state.refreshing = false;
+            match refresh {
+                Refresh::Done { version, sent } => {
+                    state.version = version;
+                    state.sent = sent;
+                    state.deadline = sent + cfg.ttl - cfg.margin();
+                    tracing::trace!(target: "dimutex", key_id = key_id(), "refreshed");
+                    Some(on_grid(sent + cfg.refresh_interval))
+                }
+                Refresh::Failed => Some(Instant::now() + FAILED_REFRESH_RETRY),
+                Refresh::Gone => {
+                    state.gone = true;
+                    None
+                }
+                Refresh::Expired => None,
             }
         };
+        if next.is_none() {
+            if shared.state().gone {
+                tracing::warn!(target: "dimutex", key_id = key_id(), "lease lost: the lock object was changed by another owner");
+            } else {
+                tracing::warn!(target: "dimutex", key_id = key_id(), "lease lost: refresh failed until the local deadline");
+            }
+            shared.mark_lost();
+        }
         if let Some(reply) = entry.release_wanted.take() {
             self.release(id, reply);
         } else if let Some(next) = next {
@@ -546,6 +573,70 @@ async fn recv(commands: &mut Option<mpsc::UnboundedReceiver<Command>>) -> Option
     match commands {
         Some(rx) => rx.recv().await,
         None => None,
+    }
+}
+
+/// What follows a release, by the driver or by the guard: the log line, the local map, the
+/// lost signal.
+fn ended(inner: &Inner, shared: &Arc<LeaseShared>, result: &Result<bool, Error>) {
+    match result {
+        Ok(held) => {
+            tracing::debug!(target: "dimutex", key_id = crate::key_id(shared.key()), held, "released")
+        }
+        Err(e) => {
+            tracing::warn!(target: "dimutex", key_id = crate::key_id(shared.key()), error = %e, "release failed; the lease will expire")
+        }
+    }
+    inner.local.remove(shared.name(), shared);
+    shared.mark_lost();
+}
+
+/// [`LockGuard::release`](crate::LockGuard::release): from the caller's task when no refresh
+/// is in flight (no hop through the driver), else by the driver.
+pub(crate) async fn release_from_guard(
+    inner: &Arc<Inner>,
+    shared: &Arc<LeaseShared>,
+    driver: DriverHandle,
+) -> Result<bool, Error> {
+    let state = match shared.claim_release() {
+        Claim::Claimed(state) => state,
+        Claim::Refreshing | Claim::Releasing => {
+            // A refresh in flight (the driver releases after it), or the client's shutdown
+            // releasing it already: the driver answers.
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            if !driver.release(shared.id(), Some(tx)) {
+                // The driver is gone: its runtime stopped.
+                return Err(Error::ShutDown);
+            }
+            // No answer: the client was shut down and released the lease already.
+            return rx.await.unwrap_or(Err(Error::ShutDown));
+        }
+    };
+    // Should this future be dropped half-way, the driver takes the release over.
+    let mut handover = Handover {
+        shared,
+        driver: Some(driver),
+    };
+    let result = release(inner, shared, state).await;
+    ended(inner, shared, &result);
+    if let Some(driver) = handover.driver.take() {
+        driver.released(shared.id());
+    }
+    result
+}
+
+/// Gives a release begun by a guard back to the driver if it is dropped before the end.
+struct Handover<'a> {
+    shared: &'a LeaseShared,
+    driver: Option<DriverHandle>,
+}
+
+impl Drop for Handover<'_> {
+    fn drop(&mut self) {
+        if let Some(driver) = self.driver.take() {
+            self.shared.state().releasing = false;
+            driver.release(self.shared.id(), None);
+        }
     }
 }
 
@@ -617,13 +708,14 @@ impl Refresh {
     }
 }
 
-async fn release(
-    inner: &Inner,
-    shared: &LeaseShared,
-    version: Version,
-    sent: Instant,
-    gone: bool,
-) -> Result<bool, Error> {
+/// Deletes our lock object, if it is still ours: `Ok(true)` when our delete removed it.
+async fn release(inner: &Inner, shared: &LeaseShared, state: LeaseState) -> Result<bool, Error> {
+    let LeaseState {
+        version,
+        sent,
+        gone,
+        ..
+    } = state;
     if gone {
         return Ok(false);
     }

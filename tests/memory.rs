@@ -248,3 +248,130 @@ async fn leases_taken_in_bursts_are_all_refreshed() {
     client.shutdown(Duration::from_secs(5)).await.unwrap();
     assert_eq!(backend.object_count(), 0);
 }
+
+/// The in-memory backend with slow refreshes and releases.
+#[derive(Debug)]
+struct Slow {
+    inner: MemoryBackend,
+    refresh: std::time::Duration,
+    release: std::time::Duration,
+    refreshes_started: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Backend for Slow {
+    fn create<'a>(&'a self, name: &'a str, metadata: &'a Metadata) -> Written<'a> {
+        self.inner.create(name, metadata)
+    }
+
+    fn inspect<'a>(
+        &'a self,
+        name: &'a str,
+    ) -> BoxFuture<'a, Result<Reply<Option<ObjectState>>, BackendError>> {
+        self.inner.inspect(name)
+    }
+
+    fn takeover<'a>(
+        &'a self,
+        name: &'a str,
+        expected: Version,
+        metadata: &'a Metadata,
+    ) -> Written<'a> {
+        self.inner.takeover(name, expected, metadata)
+    }
+
+    fn refresh<'a>(
+        &'a self,
+        name: &'a str,
+        expected: Version,
+        metadata: &'a Metadata,
+    ) -> Written<'a> {
+        Box::pin(async move {
+            self.refreshes_started
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            tokio::time::sleep(self.refresh).await;
+            self.inner.refresh(name, expected, metadata).await
+        })
+    }
+
+    fn release<'a>(
+        &'a self,
+        name: &'a str,
+        expected: Version,
+    ) -> BoxFuture<'a, Result<Reply<()>, BackendError>> {
+        Box::pin(async move {
+            tokio::time::sleep(self.release).await;
+            self.inner.release(name, expected).await
+        })
+    }
+}
+
+/// A `release()` future dropped before its delete finished leaves the release to the client:
+/// the lock is freed all the same, and the lease is no longer counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_release_is_finished_by_the_client() {
+    use std::time::{Duration, Instant};
+    let backend = MemoryBackend::new();
+    let client = dimutex::Client::new(Slow {
+        inner: backend.clone(),
+        refresh: Duration::ZERO,
+        release: Duration::from_millis(300),
+        refreshes_started: Default::default(),
+    });
+    let guard = client.try_acquire("cancelled").await.unwrap();
+    let held = guard.held_lock();
+    let cut = tokio::time::timeout(Duration::from_millis(50), guard.release()).await;
+    assert!(cut.is_err(), "the release was cut short");
+    let started = Instant::now();
+    while backend.object_count() > 0 || client.active_leases() > 0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "objects {}, leases {}",
+            backend.object_count(),
+            client.active_leases()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(!held.is_healthy());
+    client
+        .try_acquire("cancelled")
+        .await
+        .unwrap()
+        .release()
+        .await
+        .unwrap();
+}
+
+/// A `release()` while a refresh is in flight waits for it and then deletes the refreshed
+/// object: still ours, released.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_during_a_refresh_waits_for_it() {
+    use std::time::{Duration, Instant};
+    let backend = MemoryBackend::new();
+    let started = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let client = dimutex::Client::builder(Slow {
+        inner: backend.clone(),
+        refresh: Duration::from_millis(600),
+        release: Duration::ZERO,
+        refreshes_started: started.clone(),
+    })
+    .ttl(Duration::from_secs(3))
+    .build()
+    .unwrap();
+    let guard = client.try_acquire("refreshing").await.unwrap();
+    // The first refresh starts within the 1 s interval and takes 0.6 s.
+    let waited = Instant::now();
+    while started.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+        assert!(
+            waited.elapsed() < Duration::from_secs(2),
+            "no refresh began"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let released = Instant::now();
+    assert!(guard.release().await.unwrap(), "still ours");
+    let took = released.elapsed();
+    eprintln!("released {took:?} after the refresh began");
+    assert!(took >= Duration::from_millis(400), "waited for the refresh");
+    assert_eq!(backend.object_count(), 0);
+    assert_eq!(backend.request_count(), 3, "create, refresh, delete");
+}
