@@ -7,6 +7,11 @@
 //! - distinct keys (`/k/{conn}-{seq}`): every request takes and releases its own lock;
 //! - the local fast path (`/k/hot`, a key this process holds): every request is a 409 decided
 //!   without a backend request; compared with the bare app on the same path.
+//!
+//! A third app, `raw writes`, is a floor for any lock on this backend: its handler sends the
+//! two writes of a lock cycle (create with the three metadata fields, delete) to the
+//! `MemoryBackend` directly, with no client, no lease and no layer. Its rate is reported in
+//! the notes, next to the bare app's.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -47,6 +52,29 @@ async fn handler() -> &'static str {
     "ok"
 }
 
+/// The two backend writes of a lock cycle and nothing else (the floor of any lock here).
+async fn raw_writes(
+    axum::extract::State(backend): axum::extract::State<MemoryBackend>,
+    axum::extract::Path(key): axum::extract::Path<String>,
+) -> &'static str {
+    use dimutex::backend::{Backend, Metadata};
+    let mut md = Metadata::new();
+    md.insert("ttl".into(), "30".into());
+    md.insert(
+        "owner".into(),
+        format!("bench#{:032x}", rand::random::<u128>()),
+    );
+    md.insert("expires".into(), "2030-01-01 00:00:00.000000 UTC".into());
+    let name = format!("raw/{key}");
+    match backend.create(&name, &md).await {
+        Ok(reply) => match backend.release(&name, reply.value().version()).await {
+            Ok(_) => "ok",
+            Err(_) => "release failed",
+        },
+        Err(_) => "create failed",
+    }
+}
+
 async fn serve(app: Router) -> Result<SocketAddr> {
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
@@ -66,6 +94,12 @@ pub async fn run(plan: &Plan) -> Result<(Vec<Figure>, Vec<String>)> {
             .route_layer(LockLayer::new(client.clone(), FromPathParam::new("key"))),
     )
     .await?;
+    let raw = serve(
+        Router::new()
+            .route("/k/{key}", get(raw_writes))
+            .with_state(backend.clone()),
+    )
+    .await?;
     let hot = client.try_acquire("hot").await?;
     let diagnostic = in_process_costs(&client, plan.in_process_calls).await?;
 
@@ -74,6 +108,7 @@ pub async fn run(plan: &Plan) -> Result<(Vec<Figure>, Vec<String>)> {
         ("layer distinct", layered, Keys::Distinct, 200),
         ("bare hot", bare, Keys::Hot, 200),
         ("layer hot", layered, Keys::Hot, 409),
+        ("raw writes distinct", raw, Keys::Distinct, 200),
     ];
     for (_, addr, keys, status) in variants {
         load(addr, plan.connections, plan.warmup, keys, status).await?;
@@ -128,6 +163,12 @@ pub async fn run(plan: &Plan) -> Result<(Vec<Figure>, Vec<String>)> {
         ),
     ];
     let notes = vec![
+        format!(
+            "middleware floor: the same app whose handler sends the two backend writes itself (no client, no lease, no layer): {:.0} req/s = {:.3} of the bare app; the layer reaches {:.3} of it",
+            rps[4],
+            rps[4] / rps[0],
+            rps[1] / rps[4],
+        ),
         format!(
             "middleware: {} rounds x {:?} per variant, {} connections; req/s per round: {}; objects left in the memory backend: {}",
             plan.rounds,
