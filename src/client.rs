@@ -527,6 +527,15 @@ impl Client {
         }
     }
 
+    /// If a healthy lease of this client holds `key`: the longest the lock may stay held (what
+    /// [`try_acquire`](Self::try_acquire) would answer as [`Error::Held`], without a request
+    /// and without an `await`).
+    pub(crate) fn held_here_now(&self, key: &LockKey) -> Option<Duration> {
+        let name = key::object_name(&self.inner.config.prefix, key).ok()?;
+        let lease = self.inner.local.healthy_holder(&name)?;
+        Some(local::remaining(&lease, self.inner.config.margin()))
+    }
+
     /// "Held" for a waiter whose deadline passed in the local queue.
     fn held_here(&self, name: &str) -> Error {
         let remaining = self

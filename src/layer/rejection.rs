@@ -87,23 +87,17 @@ impl Rejection {
     /// ```
     pub fn to_problem_response(&self) -> Response<Bytes> {
         let status = self.status();
-        let detail = match self {
-            Rejection::Held { .. } => {
-                "Another request holds the lock for this resource; try again later.".to_owned()
+        // The fixed bodies are written out (the 409 of a busy key is the hot path); a test
+        // checks them against the JSON they stand for.
+        let body = match self {
+            Rejection::Held { .. } => Bytes::from_static(HELD_BODY.as_bytes()),
+            Rejection::Unavailable { .. } => Bytes::from_static(UNAVAILABLE_BODY.as_bytes()),
+            Rejection::Failed => Bytes::from_static(FAILED_BODY.as_bytes()),
+            Rejection::BadKey(reason) => {
+                problem_body(status, &format!("The request cannot be locked: {reason}."))
             }
-            Rejection::Unavailable { .. } => {
-                "The lock service is busy or unreachable; try again later.".to_owned()
-            }
-            Rejection::BadKey(reason) => format!("The request cannot be locked: {reason}."),
-            Rejection::Failed => "The lock service cannot serve this request.".to_owned(),
         };
-        let body = serde_json::json!({
-            "type": "about:blank",
-            "title": status.canonical_reason().unwrap_or("Error"),
-            "status": status.as_u16(),
-            "detail": detail,
-        });
-        let mut response = Response::new(Bytes::from(body.to_string()));
+        let mut response = Response::new(body);
         *response.status_mut() = status;
         response.headers_mut().insert(
             header::CONTENT_TYPE,
@@ -116,6 +110,21 @@ impl Rejection {
         }
         response
     }
+}
+
+const HELD_BODY: &str = r#"{"detail":"Another request holds the lock for this resource; try again later.","status":409,"title":"Conflict","type":"about:blank"}"#;
+const UNAVAILABLE_BODY: &str = r#"{"detail":"The lock service is busy or unreachable; try again later.","status":503,"title":"Service Unavailable","type":"about:blank"}"#;
+const FAILED_BODY: &str = r#"{"detail":"The lock service cannot serve this request.","status":503,"title":"Service Unavailable","type":"about:blank"}"#;
+
+/// An RFC 9457 problem document.
+fn problem_body(status: StatusCode, detail: &str) -> Bytes {
+    let body = serde_json::json!({
+        "type": "about:blank",
+        "title": status.canonical_reason().unwrap_or("Error"),
+        "status": status.as_u16(),
+        "detail": detail,
+    });
+    Bytes::from(body.to_string())
 }
 
 /// Builds the response for a [`Rejection`]. Closures `Fn(&Rejection) -> Response<Bytes>`
@@ -162,6 +171,25 @@ impl OnRejection for ProblemJson {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const HELD_DETAIL: &str = "Another request holds the lock for this resource; try again later.";
+    const UNAVAILABLE_DETAIL: &str = "The lock service is busy or unreachable; try again later.";
+    const FAILED_DETAIL: &str = "The lock service cannot serve this request.";
+
+    #[test]
+    fn fixed_bodies_are_the_json_they_stand_for() {
+        for (body, status, detail) in [
+            (HELD_BODY, StatusCode::CONFLICT, HELD_DETAIL),
+            (
+                UNAVAILABLE_BODY,
+                StatusCode::SERVICE_UNAVAILABLE,
+                UNAVAILABLE_DETAIL,
+            ),
+            (FAILED_BODY, StatusCode::SERVICE_UNAVAILABLE, FAILED_DETAIL),
+        ] {
+            assert_eq!(body.as_bytes(), &problem_body(status, detail)[..]);
+        }
+    }
 
     #[test]
     fn problem_body_names_no_holder_or_object() {

@@ -86,8 +86,19 @@ where
                 return ResponseFuture::reject(self.layer.on_rejection.response(&rejection));
             }
         };
-        let client = self.layer.client.clone();
         let wait = self.layer.settings.wait;
+        if wait.is_none() {
+            // Held by another request of this process: answered here, without a request and
+            // without the acquisition's future.
+            if let Some(remaining) = self.layer.client.held_here_now(&key) {
+                tracing::debug!(target: "dimutex::layer", key_id = crate::key_id(&key), outcome = "held", "lock for request");
+                let rejection = Rejection::Held {
+                    remaining: Some(remaining),
+                };
+                return ResponseFuture::reject(self.layer.on_rejection.response(&rejection));
+            }
+        }
+        let client = self.layer.client.clone();
         let key_id = crate::key_id(&key);
         let acquire = Box::pin(async move {
             let started = Instant::now();
