@@ -16,7 +16,7 @@ use crate::error::Error;
 use crate::key::LockKey;
 use crate::lease::{self, DriverHandle};
 
-/// What a guard sends its lease task to release: where to send the outcome, if anyone waits.
+/// Where the lease driver sends the outcome of a release, if anyone waits for it.
 pub(crate) type ReleaseRequest = Option<oneshot::Sender<Result<bool, Error>>>;
 
 /// A fencing token: the generation of the lock object this acquisition created.

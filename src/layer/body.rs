@@ -84,7 +84,7 @@ where
                     Some(Ok(_)) => body.is_end_stream(),
                 };
                 if done {
-                    // Dropping the guard hands the release to the client's lease task.
+                    // Dropping the guard hands the release to the client's lease driver.
                     this.guard.take();
                 }
                 Poll::Ready(frame)
