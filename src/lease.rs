@@ -732,10 +732,13 @@ async fn release(inner: &Inner, shared: &LeaseShared, state: LeaseState) -> Resu
     let a = inner
         .call(|| backend.release(name, version), Some(give_up))
         .await;
-    // Changed or gone, after an attempt of ours that may have landed: while our lease was
-    // live nobody else could take the lock over (takeover needs the server-judged expiry,
-    // which comes after our local deadline), so the change was our own delete.
-    let ours = a.ambiguous && Instant::now() < shared.deadline();
+    // Changed or gone, after an attempt of ours that may have landed. Nobody else can take
+    // the lock over before the server judges it expired: `updated` + ttl + 1 s < `Date`, and
+    // `updated` is no earlier than `sent` (our last write cannot land before we sent it). An
+    // answer received before `sent` + ttl therefore describes a server on which no takeover
+    // could have happened yet (the rule's extra second is left as a cushion for clocks): the
+    // change was our own delete (404), or a create after it (412).
+    let ours = a.ambiguous && Instant::now() < sent + inner.config.ttl;
     match a.result {
         Ok(_) => Ok(true),
         Err(BackendError::NotFound | BackendError::PreconditionFailed) => Ok(ours),

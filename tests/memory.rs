@@ -375,3 +375,100 @@ async fn a_release_during_a_refresh_waits_for_it() {
     assert_eq!(backend.object_count(), 0);
     assert_eq!(backend.request_count(), 3, "create, refresh, delete");
 }
+
+/// The in-memory backend whose first delete takes effect but answers 503 after `delay`.
+#[derive(Debug)]
+struct DeleteLandsAnswerLost {
+    inner: MemoryBackend,
+    delay: std::time::Duration,
+    failed_once: std::sync::atomic::AtomicBool,
+}
+
+impl Backend for DeleteLandsAnswerLost {
+    fn create<'a>(&'a self, name: &'a str, metadata: &'a Metadata) -> Written<'a> {
+        self.inner.create(name, metadata)
+    }
+
+    fn inspect<'a>(
+        &'a self,
+        name: &'a str,
+    ) -> BoxFuture<'a, Result<Reply<Option<ObjectState>>, BackendError>> {
+        self.inner.inspect(name)
+    }
+
+    fn takeover<'a>(
+        &'a self,
+        name: &'a str,
+        expected: Version,
+        metadata: &'a Metadata,
+    ) -> Written<'a> {
+        self.inner.takeover(name, expected, metadata)
+    }
+
+    fn refresh<'a>(
+        &'a self,
+        name: &'a str,
+        expected: Version,
+        metadata: &'a Metadata,
+    ) -> Written<'a> {
+        self.inner.refresh(name, expected, metadata)
+    }
+
+    fn release<'a>(
+        &'a self,
+        name: &'a str,
+        expected: Version,
+    ) -> BoxFuture<'a, Result<Reply<()>, BackendError>> {
+        Box::pin(async move {
+            let result = self.inner.release(name, expected).await;
+            if self
+                .failed_once
+                .swap(true, std::sync::atomic::Ordering::SeqCst)
+            {
+                return result;
+            }
+            tokio::time::sleep(self.delay).await;
+            Err(BackendError::Transient {
+                status: Some(503),
+                retry_after: None,
+                message: "the delete took effect; its answer was lost".into(),
+            })
+        })
+    }
+}
+
+/// A delete that landed but whose answer was lost, retried after the local deadline (the
+/// holder's safety margin) but before the server could possibly judge the lock expired: the
+/// retry's 404 can only be our own delete, and `release()` says so.
+#[tokio::test]
+async fn a_landed_delete_is_recognised_until_the_earliest_possible_takeover() {
+    use std::time::{Duration, Instant};
+    let backend = MemoryBackend::new();
+    let ttl = Duration::from_secs(5);
+    let client = dimutex::Client::builder(DeleteLandsAnswerLost {
+        inner: backend.clone(),
+        // Past the local deadline (ttl − ttl/10 = 4.5 s after the create), before ttl.
+        delay: Duration::from_millis(4600),
+        failed_once: Default::default(),
+    })
+    .ttl(ttl)
+    .request_timeout(Duration::from_secs(10))
+    .retry(dimutex::RetryPolicy::new(
+        dimutex::Backoff::new(Duration::from_millis(10), Duration::from_millis(20), 2.0).unwrap(),
+        Duration::from_secs(5),
+    ))
+    .build()
+    .unwrap();
+    let acquired = Instant::now();
+    let guard = client.try_acquire("landed").await.unwrap();
+    let released = guard.release().await.unwrap();
+    let answered = acquired.elapsed();
+    eprintln!("release answered {answered:?} after the acquisition: {released}");
+    assert!(
+        answered > ttl.mul_f64(0.9),
+        "the retry came after the local deadline"
+    );
+    assert!(answered < ttl, "and before the earliest possible takeover");
+    assert!(released, "our own landed delete");
+    assert_eq!(backend.object_count(), 0);
+}
