@@ -169,9 +169,9 @@ impl GcsBackend {
             }
             None => request,
         };
-        let response = request.send().await.map_err(transport_error)?;
+        let mut response = request.send().await.map_err(transport_error)?;
         let status = response.status();
-        let headers = response.headers().clone();
+        let headers = std::mem::take(response.headers_mut());
         let body = response.bytes().await.map_err(transport_error)?;
         Ok(Response {
             status,
