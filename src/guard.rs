@@ -339,6 +339,10 @@ impl LockGuard {
     /// changed or removed the object. Transient failures are retried per the client's retry
     /// policy; after that the error is returned and expiry frees the lock.
     ///
+    /// The delete is sent from the calling task (after the refresh in flight, if one is).
+    /// Dropping this future before it completes is safe: the client finishes the release in
+    /// the background, as for a dropped guard.
+    ///
     /// ```
     /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), dimutex::Error> {
     /// # let client = dimutex::Client::new(dimutex::backend::MemoryBackend::new());
