@@ -294,17 +294,7 @@ impl Client {
     pub async fn shutdown(&self, timeout: Duration) -> Result<(), ShutdownTimeout> {
         self.inner.shutdown.send_replace(true);
         let inner = &self.inner;
-        let drained = async {
-            loop {
-                let notified = inner.drained.notified();
-                tokio::pin!(notified);
-                notified.as_mut().enable();
-                if inner.live.load(Ordering::Acquire) == 0 {
-                    return;
-                }
-                notified.await;
-            }
-        };
+        let drained = lease::wait_until(&inner.drained, || inner.live.load(Ordering::Acquire) == 0);
         if tokio::time::timeout(timeout, drained).await.is_ok() {
             Ok(())
         } else {
@@ -532,18 +522,21 @@ impl Client {
     /// and without an `await`).
     pub(crate) fn held_here_now(&self, key: &LockKey) -> Option<Duration> {
         let name = key::object_name(&self.inner.config.prefix, key).ok()?;
-        let lease = self.inner.local.healthy_holder(&name)?;
+        self.held_here_for(&name)
+    }
+
+    /// How long the lock object `name` may stay held, if a healthy lease of this client
+    /// holds it.
+    fn held_here_for(&self, name: &str) -> Option<Duration> {
+        let lease = self.inner.local.healthy_holder(name)?;
         Some(local::remaining(&lease, self.inner.config.margin()))
     }
 
     /// "Held" for a waiter whose deadline passed in the local queue.
     fn held_here(&self, name: &str) -> Error {
-        let remaining = self
-            .inner
-            .local
-            .healthy_holder(name)
-            .map(|lease| local::remaining(&lease, self.inner.config.margin()));
-        Error::Held { remaining }
+        Error::Held {
+            remaining: self.held_here_for(name),
+        }
     }
 
     /// Turns a backend error that ends an acquisition into the client's error.

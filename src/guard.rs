@@ -206,18 +206,7 @@ impl LeaseShared {
     /// Resolves when the lease is lost or has ended.
     pub(crate) fn ended(self: &Arc<Self>) -> impl Future<Output = ()> + Send + Sync + 'static {
         let shared = self.clone();
-        async move {
-            loop {
-                let notified = shared.notify.notified();
-                tokio::pin!(notified);
-                // Registered before the check, so a `mark_lost` in between is not missed.
-                notified.as_mut().enable();
-                if shared.is_lost() {
-                    return;
-                }
-                notified.await;
-            }
-        }
+        async move { lease::wait_until(&shared.notify, || shared.is_lost()).await }
     }
 }
 

@@ -24,7 +24,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use futures_util::stream::{FuturesUnordered, StreamExt};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{Notify, mpsc, watch};
 
 use crate::backend::{BackendError, Version};
 use crate::client::{Inner, MUTATION_WINDOW};
@@ -532,7 +532,7 @@ impl Driver {
         };
         let shared = &entry.lease.shared;
         let cfg = &entry.lease.client.0.config;
-        let key_id = || crate::key_id(shared.key());
+        // The next refresh, or why the lease is lost.
         let next = {
             let mut state = shared.state();
             state.refreshing = false;
@@ -541,30 +541,40 @@ impl Driver {
                     state.version = version;
                     state.sent = sent;
                     state.deadline = sent + cfg.ttl - cfg.margin();
-                    tracing::trace!(target: "dimutex", key_id = key_id(), "refreshed");
-                    Some(on_grid(sent + cfg.refresh_interval))
+                    tracing::trace!(target: "dimutex", key_id = crate::key_id(shared.key()), "refreshed");
+                    Ok(on_grid(sent + cfg.refresh_interval))
                 }
-                Refresh::Failed => Some(Instant::now() + FAILED_REFRESH_RETRY),
+                Refresh::Failed => Ok(Instant::now() + FAILED_REFRESH_RETRY),
                 Refresh::Gone => {
                     state.gone = true;
-                    None
+                    Err("lease lost: the lock object was changed by another owner")
                 }
-                Refresh::Expired => None,
+                Refresh::Expired => Err("lease lost: refresh failed until the local deadline"),
             }
         };
-        if next.is_none() {
-            if shared.state().gone {
-                tracing::warn!(target: "dimutex", key_id = key_id(), "lease lost: the lock object was changed by another owner");
-            } else {
-                tracing::warn!(target: "dimutex", key_id = key_id(), "lease lost: refresh failed until the local deadline");
-            }
+        if let Err(why) = next {
+            tracing::warn!(target: "dimutex", key_id = crate::key_id(shared.key()), "{why}");
             shared.mark_lost();
         }
         if let Some(reply) = entry.release_wanted.take() {
             self.release(id, reply);
-        } else if let Some(next) = next {
+        } else if let Ok(next) = next {
             self.schedule(id, next);
         }
+    }
+}
+
+/// Resolves once `done()` holds, checking again each time `notify` wakes its waiters.
+pub(crate) async fn wait_until(notify: &Notify, done: impl Fn() -> bool) {
+    loop {
+        let notified = notify.notified();
+        tokio::pin!(notified);
+        // Registered before the check, so a wake-up in between is not missed.
+        notified.as_mut().enable();
+        if done() {
+            return;
+        }
+        notified.await;
     }
 }
 
