@@ -249,16 +249,20 @@ async fn leases_taken_in_bursts_are_all_refreshed() {
     assert_eq!(backend.object_count(), 0);
 }
 
-/// The in-memory backend with slow refreshes and releases.
-#[derive(Debug)]
-struct Slow {
+/// The in-memory backend with scripted misbehaviour: slow refreshes and releases, and
+/// optionally a first delete that takes effect but whose answer is lost (a 503 after
+/// `lose_first_release_answer_after`).
+#[derive(Debug, Default)]
+struct Scripted {
     inner: MemoryBackend,
-    refresh: std::time::Duration,
-    release: std::time::Duration,
+    refresh_delay: std::time::Duration,
+    release_delay: std::time::Duration,
     refreshes_started: Arc<std::sync::atomic::AtomicUsize>,
+    lose_first_release_answer_after: Option<std::time::Duration>,
+    released_once: std::sync::atomic::AtomicBool,
 }
 
-impl Backend for Slow {
+impl Backend for Scripted {
     fn create<'a>(&'a self, name: &'a str, metadata: &'a Metadata) -> Written<'a> {
         self.inner.create(name, metadata)
     }
@@ -288,7 +292,7 @@ impl Backend for Slow {
         Box::pin(async move {
             self.refreshes_started
                 .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            tokio::time::sleep(self.refresh).await;
+            tokio::time::sleep(self.refresh_delay).await;
             self.inner.refresh(name, expected, metadata).await
         })
     }
@@ -299,8 +303,22 @@ impl Backend for Slow {
         expected: Version,
     ) -> BoxFuture<'a, Result<Reply<()>, BackendError>> {
         Box::pin(async move {
-            tokio::time::sleep(self.release).await;
-            self.inner.release(name, expected).await
+            tokio::time::sleep(self.release_delay).await;
+            let result = self.inner.release(name, expected).await;
+            let first = !self
+                .released_once
+                .swap(true, std::sync::atomic::Ordering::SeqCst);
+            match self.lose_first_release_answer_after {
+                Some(delay) if first => {
+                    tokio::time::sleep(delay).await;
+                    Err(BackendError::Transient {
+                        status: Some(503),
+                        retry_after: None,
+                        message: "the delete took effect; its answer was lost".into(),
+                    })
+                }
+                _ => result,
+            }
         })
     }
 }
@@ -311,11 +329,10 @@ impl Backend for Slow {
 async fn a_cancelled_release_is_finished_by_the_client() {
     use std::time::{Duration, Instant};
     let backend = MemoryBackend::new();
-    let client = dimutex::Client::new(Slow {
+    let client = dimutex::Client::new(Scripted {
         inner: backend.clone(),
-        refresh: Duration::ZERO,
-        release: Duration::from_millis(300),
-        refreshes_started: Default::default(),
+        release_delay: Duration::from_millis(300),
+        ..Scripted::default()
     });
     let guard = client.try_acquire("cancelled").await.unwrap();
     let held = guard.held_lock();
@@ -348,11 +365,11 @@ async fn a_release_during_a_refresh_waits_for_it() {
     use std::time::{Duration, Instant};
     let backend = MemoryBackend::new();
     let started = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let client = dimutex::Client::builder(Slow {
+    let client = dimutex::Client::builder(Scripted {
         inner: backend.clone(),
-        refresh: Duration::from_millis(600),
-        release: Duration::ZERO,
+        refresh_delay: Duration::from_millis(600),
         refreshes_started: started.clone(),
+        ..Scripted::default()
     })
     .ttl(Duration::from_secs(3))
     .build()
@@ -376,67 +393,6 @@ async fn a_release_during_a_refresh_waits_for_it() {
     assert_eq!(backend.request_count(), 3, "create, refresh, delete");
 }
 
-/// The in-memory backend whose first delete takes effect but answers 503 after `delay`.
-#[derive(Debug)]
-struct DeleteLandsAnswerLost {
-    inner: MemoryBackend,
-    delay: std::time::Duration,
-    failed_once: std::sync::atomic::AtomicBool,
-}
-
-impl Backend for DeleteLandsAnswerLost {
-    fn create<'a>(&'a self, name: &'a str, metadata: &'a Metadata) -> Written<'a> {
-        self.inner.create(name, metadata)
-    }
-
-    fn inspect<'a>(
-        &'a self,
-        name: &'a str,
-    ) -> BoxFuture<'a, Result<Reply<Option<ObjectState>>, BackendError>> {
-        self.inner.inspect(name)
-    }
-
-    fn takeover<'a>(
-        &'a self,
-        name: &'a str,
-        expected: Version,
-        metadata: &'a Metadata,
-    ) -> Written<'a> {
-        self.inner.takeover(name, expected, metadata)
-    }
-
-    fn refresh<'a>(
-        &'a self,
-        name: &'a str,
-        expected: Version,
-        metadata: &'a Metadata,
-    ) -> Written<'a> {
-        self.inner.refresh(name, expected, metadata)
-    }
-
-    fn release<'a>(
-        &'a self,
-        name: &'a str,
-        expected: Version,
-    ) -> BoxFuture<'a, Result<Reply<()>, BackendError>> {
-        Box::pin(async move {
-            let result = self.inner.release(name, expected).await;
-            if self
-                .failed_once
-                .swap(true, std::sync::atomic::Ordering::SeqCst)
-            {
-                return result;
-            }
-            tokio::time::sleep(self.delay).await;
-            Err(BackendError::Transient {
-                status: Some(503),
-                retry_after: None,
-                message: "the delete took effect; its answer was lost".into(),
-            })
-        })
-    }
-}
-
 /// A delete that landed but whose answer was lost, retried after the local deadline (the
 /// holder's safety margin) but before the server could possibly judge the lock expired: the
 /// retry's 404 can only be our own delete, and `release()` says so.
@@ -445,11 +401,11 @@ async fn a_landed_delete_is_recognised_until_the_earliest_possible_takeover() {
     use std::time::{Duration, Instant};
     let backend = MemoryBackend::new();
     let ttl = Duration::from_secs(5);
-    let client = dimutex::Client::builder(DeleteLandsAnswerLost {
+    let client = dimutex::Client::builder(Scripted {
         inner: backend.clone(),
         // Past the local deadline (ttl − ttl/10 = 4.5 s after the create), before ttl.
-        delay: Duration::from_millis(4600),
-        failed_once: Default::default(),
+        lose_first_release_answer_after: Some(Duration::from_millis(4600)),
+        ..Scripted::default()
     })
     .ttl(ttl)
     .request_timeout(Duration::from_secs(10))
