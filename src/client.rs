@@ -64,6 +64,8 @@ pub(crate) struct Inner {
 pub(crate) struct Config {
     pub(crate) prefix: String,
     pub(crate) ttl: Duration,
+    /// `ttl` as the lock object's metadata writes it.
+    pub(crate) ttl_text: String,
     pub(crate) refresh_interval: Duration,
     pub(crate) identity: String,
     pub(crate) request_timeout: Duration,
@@ -305,12 +307,30 @@ impl Client {
     }
 
     async fn acquire_with(&self, key: LockKey, contention: Contention) -> Result<LockGuard, Error> {
+        let name = key::object_name(&self.inner.config.prefix, &key)?;
+        self.acquire_named(key, name, contention).await
+    }
+
+    /// [`Client::try_acquire`] of a key whose object name is known.
+    pub(crate) async fn try_acquire_named(
+        &self,
+        key: LockKey,
+        name: String,
+    ) -> Result<LockGuard, Error> {
+        self.acquire_named(key, name, Contention::Fail).await
+    }
+
+    async fn acquire_named(
+        &self,
+        key: LockKey,
+        name: String,
+        contention: Contention,
+    ) -> Result<LockGuard, Error> {
         if *self.inner.shutdown.borrow() {
             return Err(Error::ShutDown);
         }
         let cfg = &self.inner.config;
         let backend = &*self.inner.backend;
-        let name = key::object_name(&cfg.prefix, &key)?;
         let local = &self.inner.local;
         // Waiters of this client queue locally; only the head of the queue talks to the
         // backend. Fail-fast callers do not queue.
@@ -353,7 +373,7 @@ impl Client {
         loop {
             match step {
                 Step::Create | Step::Takeover(_) => {
-                    let md = object::lock_metadata(cfg.ttl, &owner, (cfg.clock)());
+                    let md = object::lock_metadata(cfg.ttl, &cfg.ttl_text, &owner, (cfg.clock)());
                     // A waiter does not retry a throttled write: it goes back to reading.
                     let retry_429 = matches!(contention, Contention::Fail);
                     let a = match step {
@@ -517,12 +537,15 @@ impl Client {
         }
     }
 
-    /// If a healthy lease of this client holds `key`: the longest the lock may stay held (what
-    /// [`try_acquire`](Self::try_acquire) would answer as [`Error::Held`], without a request
-    /// and without an `await`).
-    pub(crate) fn held_here_now(&self, key: &LockKey) -> Option<Duration> {
-        let name = key::object_name(&self.inner.config.prefix, key).ok()?;
-        self.held_here_for(&name)
+    /// What this client knows of `key` without a request and without an `await`: held by a
+    /// healthy lease of its own, or not (with the object name, for the acquisition). A key
+    /// without a valid object name is the error [`try_acquire`](Self::try_acquire) gives.
+    pub(crate) fn held_here_now(&self, key: &LockKey) -> Result<LocalView, KeyError> {
+        let name = key::object_name(&self.inner.config.prefix, key)?;
+        Ok(match self.held_here_for(&name) {
+            Some(remaining) => LocalView::Held(remaining),
+            None => LocalView::NotHere(name),
+        })
     }
 
     /// How long the lock object `name` may stay held, if a healthy lease of this client
@@ -719,13 +742,25 @@ fn jitter(max: Duration) -> Duration {
 fn new_owner(identity: &str) -> String {
     const HEX: &[u8; 16] = b"0123456789abcdef";
     let nonce = rand::random::<u128>();
+    let mut digits = [0u8; 32];
+    for (i, digit) in digits.iter_mut().enumerate() {
+        *digit = HEX[((nonce >> ((31 - i) * 4)) & 0xf) as usize];
+    }
     let mut owner = String::with_capacity(identity.len() + 33);
     owner.push_str(identity);
     owner.push('#');
-    for i in (0..32).rev() {
-        owner.push(char::from(HEX[((nonce >> (i * 4)) & 0xf) as usize]));
-    }
+    // ASCII hex digits.
+    owner.push_str(std::str::from_utf8(&digits).unwrap_or_default());
     owner
+}
+
+/// [`Client::held_here_now`]'s answer.
+pub(crate) enum LocalView {
+    /// Held by a healthy lease of this client, for at most this long (what
+    /// [`Client::try_acquire`] would answer as [`Error::Held`]).
+    Held(Duration),
+    /// Not held here; the key's object name.
+    NotHere(String),
 }
 
 /// Configures a [`Client`]. Invalid settings are reported by [`build`](Self::build), never
@@ -885,6 +920,7 @@ impl ClientBuilder {
         let config = Config {
             prefix: self.prefix,
             ttl: self.ttl,
+            ttl_text: object::format_ttl(self.ttl),
             refresh_interval,
             identity,
             request_timeout: self.request_timeout,

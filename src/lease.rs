@@ -21,6 +21,7 @@ use std::hash::{BuildHasherDefault, Hasher};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use futures_util::stream::{FuturesUnordered, StreamExt};
@@ -139,6 +140,9 @@ fn on_grid(t: Instant) -> Instant {
     }
 }
 
+/// The most leases the inbox's spare buffer keeps room for after a burst.
+const SPARE_CAPACITY: usize = 1024;
+
 /// Lease ids are our own counter: no need for a DoS-resistant hash.
 #[derive(Default)]
 struct IdHasher(u64);
@@ -244,6 +248,8 @@ pub(crate) fn spawn_driver(shutdown: watch::Receiver<bool>) -> DriverHandle {
         shutting_down: false,
         leases: HashMap::default(),
         timers: BTreeSet::new(),
+        spare: InboxItems::default(),
+        starting: Vec::new(),
         ops: FuturesUnordered::new(),
     };
     tokio::spawn(driver.run());
@@ -264,7 +270,13 @@ struct Driver {
     leases: HashMap<u64, Entry, BuildHasherDefault<IdHasher>>,
     /// (wake-up, lease id), one per lease at most.
     timers: BTreeSet<(Instant, u64)>,
+    /// New refreshes and releases, polled once before they join `ops`: those that finish at
+    /// once (an in-process backend) skip the queue's allocation and wake-up, and the others
+    /// send their request without waiting for the next turn.
+    starting: Vec<Op>,
     ops: FuturesUnordered<Op>,
+    /// The inbox's other buffer.
+    spare: InboxItems,
 }
 
 impl Driver {
@@ -281,6 +293,13 @@ impl Driver {
             // each (`recv` would: on a busy runtime the driver would fall behind its clients);
             // then finished work, due timers, and only then wait for more commands.
             self.drain_commands();
+            if !self.starting.is_empty() {
+                std::future::poll_fn(|cx| {
+                    self.start(cx);
+                    Poll::Ready(())
+                })
+                .await;
+            }
             let now = Instant::now();
             match self.adopt_at {
                 Some(at) if at > now => {}
@@ -335,6 +354,17 @@ impl Driver {
         }
     }
 
+    /// Polls the new work once: what finishes is done with, the rest joins `ops`.
+    fn start(&mut self, cx: &mut Context<'_>) {
+        // Finishing may start more (a release that waited for a refresh).
+        while let Some(mut op) = self.starting.pop() {
+            match op.as_mut().poll(cx) {
+                Poll::Ready((id, outcome)) => self.finish(id, outcome),
+                Poll::Pending => self.ops.push(op),
+            }
+        }
+    }
+
     /// Handles the commands already queued (at most a batch, so that finished work and
     /// timers get their turn).
     fn drain_commands(&mut self) {
@@ -368,24 +398,30 @@ impl Driver {
     /// Takes over the leases waiting in the inbox and forgets those their guards released;
     /// how many new leases.
     fn adopt(&mut self) -> usize {
-        let items = {
+        // Swapped with the (empty) spare: the inbox keeps allocated space for the next ones.
+        let mut items = std::mem::take(&mut self.spare);
+        {
             let mut inbox = self.inbox.items.lock().unwrap_or_else(|e| e.into_inner());
             if inbox.is_empty() {
+                self.spare = items;
                 return 0;
             }
-            std::mem::take(&mut *inbox)
-        };
+            std::mem::swap(&mut *inbox, &mut items);
+        }
         let n = items.leases.len();
-        for lease in items.leases {
+        for lease in items.leases.drain(..) {
             self.hold(lease);
         }
-        for id in items.released {
+        for id in items.released.drain(..) {
             // Its guard released it (and took it off the local map); only our entry is left.
             if let Some(entry) = self.leases.remove(&id) {
                 if let Some(at) = entry.wake {
                     self.timers.remove(&(at, id));
                 }
             }
+        }
+        if items.leases.capacity() <= SPARE_CAPACITY {
+            self.spare = items;
         }
         n
     }
@@ -464,7 +500,7 @@ impl Driver {
             };
             let inner = entry.lease.client.0.clone();
             let owner = entry.lease.owner.clone();
-            self.ops.push(Box::pin(async move {
+            self.starting.push(Box::pin(async move {
                 let r = refresh(&inner, shared.name(), &owner, version, deadline).await;
                 (id, Outcome::Refreshed(r))
             }));
@@ -503,7 +539,7 @@ impl Driver {
         entry.reply = reply;
         let inner = entry.lease.client.0.clone();
         let shared = entry.lease.shared.clone();
-        self.ops.push(Box::pin(async move {
+        self.starting.push(Box::pin(async move {
             let r = release(&inner, &shared, state).await;
             (id, Outcome::Released(r))
         }));

@@ -12,10 +12,13 @@ use std::time::{Duration, Instant};
 
 use crate::guard::LeaseShared;
 
+/// Keys come from requests: a seeded hash, but a fast one (this runs several times a request).
+type Map<V> = HashMap<String, V, foldhash::fast::RandomState>;
+
 #[derive(Default)]
 pub(crate) struct Local {
-    held: Mutex<HashMap<String, Arc<LeaseShared>>>,
-    queues: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    held: Mutex<Map<Arc<LeaseShared>>>,
+    queues: Mutex<Map<Arc<tokio::sync::Mutex<()>>>>,
 }
 
 /// A place at the head of one key's local queue; leaving it lets the next waiter in.

@@ -95,25 +95,29 @@ pub(crate) fn parse_ttl(s: &str) -> Option<Duration> {
     Some(Duration::from_secs_f64(secs))
 }
 
-/// The metadata of a fresh lock.
-pub(crate) fn lock_metadata(ttl: Duration, owner: &str, wall_now: SystemTime) -> Metadata {
-    let mut md = Metadata::new();
-    md.insert(TTL.to_owned(), format_ttl(ttl));
-    md.insert(OWNER.to_owned(), owner.to_owned());
-    md.insert(EXPIRES.to_owned(), format_expires(wall_now + ttl));
-    md
+/// The metadata of a fresh lock; `ttl_text` is [`format_ttl`] of `ttl` (made once per client).
+pub(crate) fn lock_metadata(
+    ttl: Duration,
+    ttl_text: &str,
+    owner: &str,
+    wall_now: SystemTime,
+) -> Metadata {
+    debug_assert_eq!(ttl_text, format_ttl(ttl));
+    Metadata::from([
+        (TTL, ttl_text.to_owned()),
+        (OWNER, owner.to_owned()),
+        (EXPIRES, format_expires(wall_now + ttl)),
+    ])
 }
 
 /// The metadata a refresh merges in.
 pub(crate) fn refresh_metadata(ttl: Duration, wall_now: SystemTime) -> Metadata {
-    let mut md = Metadata::new();
-    md.insert(EXPIRES.to_owned(), format_expires(wall_now + ttl));
-    md
+    Metadata::from([(EXPIRES, format_expires(wall_now + ttl))])
 }
 
 /// The owner recorded in a lock object, if any.
 pub(crate) fn owner_of(state: &ObjectState) -> Option<&str> {
-    state.metadata().get(OWNER).map(String::as_str)
+    state.metadata().get(OWNER)
 }
 
 /// The verdict on an existing lock object.
@@ -139,9 +143,9 @@ pub(crate) enum ExpirySource {
 /// The time (server clock) after which a lock object counts as expired.
 pub(crate) fn lease_end(state: &ObjectState, fallback_ttl: Duration) -> (SystemTime, ExpirySource) {
     let md = state.metadata();
-    if let Some(ttl) = md.get(TTL).and_then(|s| parse_ttl(s)) {
+    if let Some(ttl) = md.get(TTL).and_then(parse_ttl) {
         (state.updated() + ttl + DATE_RESOLUTION, ExpirySource::Ttl)
-    } else if let Some(expires) = md.get(EXPIRES).and_then(|s| parse_expires(s)) {
+    } else if let Some(expires) = md.get(EXPIRES).and_then(parse_expires) {
         (expires + FOREIGN_SKEW, ExpirySource::Expires)
     } else {
         (

@@ -213,7 +213,7 @@ async fn we_take_over_an_expired_python_lock() {
     let expires = fake
         .object_metadata(FakeGcs::DEFAULT_BUCKET, &name)
         .unwrap()["expires"]
-        .clone();
+        .to_owned();
 
     let started = Instant::now();
     let ours = client
@@ -321,7 +321,7 @@ async fn python_never_crashes_on_our_lock() {
     let first = fake
         .object_metadata(FakeGcs::DEFAULT_BUCKET, &name)
         .unwrap()["expires"]
-        .clone();
+        .to_owned();
     tokio::time::sleep(Duration::from_millis(2500)).await;
     assert!(guard.is_healthy(), "our lease must survive its refreshes");
     let md = fake
@@ -329,7 +329,7 @@ async fn python_never_crashes_on_our_lock() {
         .unwrap();
     eprintln!(
         "our refreshed metadata: {md:?} (expires at acquisition: {first}, after 2.5 s: {})",
-        md["expires"]
+        &md["expires"]
     );
     assert_ne!(md["expires"], first, "the refreshes rewrote expires");
 

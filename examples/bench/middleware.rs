@@ -58,13 +58,11 @@ async fn raw_writes(
     axum::extract::Path(key): axum::extract::Path<String>,
 ) -> &'static str {
     use dimutex::backend::{Backend, Metadata};
-    let mut md = Metadata::new();
-    md.insert("ttl".into(), "30".into());
-    md.insert(
-        "owner".into(),
-        format!("bench#{:032x}", rand::random::<u128>()),
-    );
-    md.insert("expires".into(), "2030-01-01 00:00:00.000000 UTC".into());
+    let md = Metadata::from([
+        ("ttl", "30".to_owned()),
+        ("owner", format!("bench#{:032x}", rand::random::<u128>())),
+        ("expires", "2030-01-01 00:00:00.000000 UTC".to_owned()),
+    ]);
     let name = format!("raw/{key}");
     match backend.create(&name, &md).await {
         Ok(reply) => match backend.release(&name, reply.value().version()).await {

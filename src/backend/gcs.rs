@@ -644,7 +644,7 @@ mod tests {
     fn object_resources_parse_strings_and_numbers() {
         let s = parse_object(br#"{"generation":"1700000000000001","metageneration":"2","updated":"2026-11-26T06:22:41.123Z","metadata":{"ttl":"30"}}"#, None).unwrap();
         assert_eq!(s.version(), Version::new(1700000000000001, 2));
-        assert_eq!(s.metadata().get("ttl").map(String::as_str), Some("30"));
+        assert_eq!(s.metadata().get("ttl"), Some("30"));
         assert_eq!(
             s.updated(),
             SystemTime::UNIX_EPOCH + Duration::from_millis(1_795_674_161_123)

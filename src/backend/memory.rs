@@ -1,5 +1,6 @@
 //! The in-process backend: the GCS semantics of [`store`](super::store), no network.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -77,7 +78,7 @@ impl MemoryBackend {
         self.store
             .list("")
             .into_iter()
-            .map(|o| o.name.clone())
+            .map(|o| o.name.to_string())
             .collect()
     }
 
@@ -109,9 +110,9 @@ impl MemoryBackend {
         let result = self.store.insert(
             name,
             metadata.clone(),
-            Some("no-store".into()),
-            Some("text/plain".into()),
-            LOCK_BODY.to_vec(),
+            Some(Cow::Borrowed("no-store")),
+            Some(Cow::Borrowed("text/plain")),
+            Cow::Borrowed(LOCK_BODY),
             pre,
         );
         self.write_result(result)
@@ -145,7 +146,7 @@ impl MemoryBackend {
 }
 
 fn state(o: Arc<StoredObject>) -> ObjectState {
-    ObjectState::with_shared_metadata(
+    ObjectState::new(
         Version::new(o.generation, o.metageneration),
         o.updated,
         o.metadata.clone(),
@@ -207,10 +208,7 @@ impl Backend for MemoryBackend {
         metadata: &'a Metadata,
     ) -> BoxFuture<'a, Result<Reply<ObjectState>, BackendError>> {
         self.count();
-        let patch = metadata
-            .iter()
-            .map(|(k, v)| (k.clone(), Some(v.clone())))
-            .collect();
+        let patch = metadata.changes().collect();
         let result = self.store.patch(name, patch, matching(expected));
         let out = self.write_result(result);
         Box::pin(async move { out })

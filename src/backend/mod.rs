@@ -5,27 +5,24 @@
 //! only performs single requests and reports what the server said. Retries, ambiguity
 //! resolution and expiry judgement all live in the client, so every backend gets them the same.
 
-use std::collections::BTreeMap;
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 #[cfg(feature = "gcs")]
 mod gcs;
 mod memory;
+mod metadata;
 pub(crate) mod store;
 
 #[cfg(feature = "gcs")]
 pub use gcs::{GCS_ENDPOINT, GcsBackend, GcsBackendBuilder, GcsConfigError, SCOPE};
 pub use memory::MemoryBackend;
+pub use metadata::Metadata;
 
 /// A boxed, sendable future, as returned by [`Backend`] methods.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
-
-/// Custom metadata of a lock object (`metadata` in the GCS object resource).
-pub type Metadata = BTreeMap<String, String>;
 
 /// The two version numbers of a GCS object that every conditional write names.
 ///
@@ -78,21 +75,12 @@ pub struct ObjectState {
     version: Version,
     updated: SystemTime,
     created: Option<SystemTime>,
-    /// Shared with the in-memory store's copy: a reply costs no copy of the metadata.
-    metadata: Arc<Metadata>,
+    metadata: Metadata,
 }
 
 impl ObjectState {
     /// An object state from its parts.
     pub fn new(version: Version, updated: SystemTime, metadata: Metadata) -> Self {
-        Self::with_shared_metadata(version, updated, Arc::new(metadata))
-    }
-
-    pub(crate) fn with_shared_metadata(
-        version: Version,
-        updated: SystemTime,
-        metadata: Arc<Metadata>,
-    ) -> Self {
         Self {
             version,
             updated,

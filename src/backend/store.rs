@@ -5,6 +5,7 @@
 //! [`MemoryBackend`](super::MemoryBackend) and the fake GCS server of the `testing` feature are
 //! two fronts on this one model, so they cannot drift apart.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -24,15 +25,16 @@ pub(crate) struct Preconditions {
 /// One stored object.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct StoredObject {
-    pub name: String,
+    /// Shared with the store's key: one allocation per object name.
+    pub name: Arc<str>,
     pub generation: i64,
     pub metageneration: i64,
     pub created: SystemTime,
     pub updated: SystemTime,
-    pub metadata: Arc<Metadata>,
-    pub cache_control: Option<String>,
-    pub content_type: Option<String>,
-    pub data: Vec<u8>,
+    pub metadata: Metadata,
+    pub cache_control: Option<Cow<'static, str>>,
+    pub content_type: Option<Cow<'static, str>>,
+    pub data: Cow<'static, [u8]>,
 }
 
 /// Why a store operation was refused.
@@ -47,15 +49,18 @@ pub(crate) enum StoreError {
 }
 
 /// A metadata change: `None` removes the key (JSON `null` in a PATCH).
-pub(crate) type MetadataPatch = Vec<(String, Option<String>)>;
+pub(crate) type MetadataPatch = Vec<(Cow<'static, str>, Option<String>)>;
 
 #[derive(Debug, Default)]
 struct Inner {
     /// Shared with the replies that carry them: a reply costs no copy.
-    objects: HashMap<String, Arc<StoredObject>>,
-    last_mutation: HashMap<String, Instant>,
+    objects: HashMap<Arc<str>, Arc<StoredObject>, Hash>,
+    last_mutation: HashMap<String, Instant, Hash>,
     last_generation: i64,
 }
+
+/// Object names come from requests: a seeded hash, but a fast one.
+type Hash = foldhash::fast::RandomState;
 
 /// The object store of one bucket.
 #[derive(Debug, Default)]
@@ -140,9 +145,9 @@ impl Store {
         &self,
         name: &str,
         metadata: Metadata,
-        cache_control: Option<String>,
-        content_type: Option<String>,
-        data: Vec<u8>,
+        cache_control: Option<Cow<'static, str>>,
+        content_type: Option<Cow<'static, str>>,
+        data: Cow<'static, [u8]>,
         pre: Preconditions,
     ) -> Result<Arc<StoredObject>, StoreError> {
         let now = self.now();
@@ -150,18 +155,19 @@ impl Store {
         check(inner.objects.get(name).map(Arc::as_ref), pre, true)?;
         self.throttle_check(&mut inner, name)?;
         let generation = next_generation(&mut inner, now);
+        let name: Arc<str> = name.into();
         let object = Arc::new(StoredObject {
-            name: name.to_owned(),
+            name: name.clone(),
             generation,
             metageneration: 1,
             created: now,
             updated: now,
-            metadata: Arc::new(metadata),
+            metadata,
             cache_control,
             content_type,
             data,
         });
-        inner.objects.insert(name.to_owned(), object.clone());
+        inner.objects.insert(name, object.clone());
         Ok(object)
     }
 
@@ -179,13 +185,7 @@ impl Store {
         let entry = inner.objects.get_mut(name).ok_or(StoreError::NotFound)?;
         // Copied only if a reply still shares it.
         let object = Arc::make_mut(entry);
-        let metadata = Arc::make_mut(&mut object.metadata);
-        for (key, value) in patch {
-            match value {
-                Some(value) => metadata.insert(key, value),
-                None => metadata.remove(&key),
-            };
-        }
+        object.metadata = object.metadata.merged(patch);
         object.metageneration += 1;
         object.updated = now.max(object.updated);
         Ok(entry.clone())
@@ -283,7 +283,7 @@ mod tests {
         name: &str,
         pre: Preconditions,
     ) -> Result<Arc<StoredObject>, StoreError> {
-        store.insert(name, Metadata::new(), None, None, b"x".to_vec(), pre)
+        store.insert(name, Metadata::new(), None, None, Cow::Borrowed(b"x"), pre)
     }
 
     #[test]
@@ -394,11 +394,9 @@ mod tests {
     #[test]
     fn patch_merges_and_removes_keys() {
         let store = Store::default();
-        let mut md = Metadata::new();
-        md.insert("a".into(), "1".into());
-        md.insert("b".into(), "2".into());
+        let md = Metadata::from([("a", "1"), ("b", "2")]);
         store
-            .insert("k", md, None, None, vec![], gen_match(0))
+            .insert("k", md, None, None, Cow::Borrowed(&[]), gen_match(0))
             .unwrap();
         let p = store
             .patch(
@@ -408,7 +406,7 @@ mod tests {
             )
             .unwrap();
         assert_eq!(p.metadata.get("a"), None);
-        assert_eq!(p.metadata.get("b").map(String::as_str), Some("2"));
-        assert_eq!(p.metadata.get("c").map(String::as_str), Some("3"));
+        assert_eq!(p.metadata.get("b"), Some("2"));
+        assert_eq!(p.metadata.get("c"), Some("3"));
     }
 }

@@ -257,8 +257,11 @@ fn path_param<'p>(template: &str, path: &'p str, name: &str) -> Option<&'p str> 
 }
 
 #[cfg(feature = "axum")]
-fn percent_decode(s: &str) -> Option<Vec<u8>> {
+fn percent_decode(s: &str) -> Option<std::borrow::Cow<'_, [u8]>> {
     let bytes = s.as_bytes();
+    if !bytes.contains(&b'%') {
+        return Some(bytes.into());
+    }
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
     while i < bytes.len() {
@@ -271,7 +274,7 @@ fn percent_decode(s: &str) -> Option<Vec<u8>> {
             i += 1;
         }
     }
-    Some(out)
+    Some(out.into())
 }
 
 #[cfg(all(test, feature = "axum"))]
@@ -298,7 +301,11 @@ mod tests {
 
     #[test]
     fn percent_decoding() {
-        assert_eq!(percent_decode("a%20b%2Fc").unwrap(), b"a b/c");
+        assert_eq!(*percent_decode("a%20b%2Fc").unwrap(), *b"a b/c");
+        assert!(matches!(
+            percent_decode("plain"),
+            Some(std::borrow::Cow::Borrowed(b"plain"))
+        ));
         assert_eq!(percent_decode("%zz"), None);
         assert_eq!(percent_decode("%2"), None);
     }

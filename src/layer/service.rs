@@ -6,6 +6,8 @@ use std::time::Instant;
 use http::{Request, Response};
 use tower_service::Service;
 
+use crate::client::LocalView;
+
 use super::body::LockBody;
 use super::future::ResponseFuture;
 use super::key::KeyExtractor;
@@ -87,24 +89,31 @@ where
             }
         };
         let wait = self.layer.settings.wait;
+        let mut name = None;
         if wait.is_none() {
             // Held by another request of this process: answered here, without a request and
             // without the acquisition's future.
-            if let Some(remaining) = self.layer.client.held_here_now(&key) {
-                tracing::debug!(target: "dimutex::layer", key_id = crate::key_id(&key), outcome = "held", "lock for request");
-                let rejection = Rejection::Held {
-                    remaining: Some(remaining),
-                };
-                return ResponseFuture::reject(self.layer.on_rejection.response(&rejection));
+            match self.layer.client.held_here_now(&key) {
+                Ok(LocalView::Held(remaining)) => {
+                    tracing::debug!(target: "dimutex::layer", key_id = crate::key_id(&key), outcome = "held", "lock for request");
+                    let rejection = Rejection::Held {
+                        remaining: Some(remaining),
+                    };
+                    return ResponseFuture::reject(self.layer.on_rejection.response(&rejection));
+                }
+                Ok(LocalView::NotHere(object_name)) => name = Some(object_name),
+                // The acquisition reports it.
+                Err(_) => {}
             }
         }
         let client = self.layer.client.clone();
         let key_id = crate::key_id(&key);
         let acquire = Box::pin(async move {
             let started = Instant::now();
-            let result = match wait {
-                None => client.try_acquire(key).await,
-                Some(wait) => client.acquire(key, Instant::now() + wait).await,
+            let result = match (wait, name) {
+                (None, Some(name)) => client.try_acquire_named(key, name).await,
+                (None, None) => client.try_acquire(key).await,
+                (Some(wait), _) => client.acquire(key, Instant::now() + wait).await,
             };
             let outcome = match &result {
                 Ok(_) => "acquired",

@@ -1,5 +1,6 @@
 //! The fake GCS server: an HTTP/1.1 front on [`Store`].
 
+use std::borrow::Cow;
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -447,7 +448,7 @@ impl FakeGcs {
     pub fn object_names(&self, bucket: &str) -> Vec<String> {
         self.shared
             .bucket(bucket)
-            .map(|s| s.list("").into_iter().map(|o| o.name.clone()).collect())
+            .map(|s| s.list("").into_iter().map(|o| o.name.to_string()).collect())
             .unwrap_or_default()
     }
 
@@ -477,7 +478,7 @@ impl FakeGcs {
         self.shared
             .bucket(bucket)
             .and_then(|s| s.get(name).ok())
-            .map(|o| Metadata::clone(&o.metadata))
+            .map(|o| o.metadata.clone())
     }
 
     /// Queues a one-shot fault: it applies to the next request matching the rule, then is used
@@ -1317,16 +1318,16 @@ fn metadata_map(value: &Value) -> Result<&Map<String, Value>, ApiError> {
 
 /// The `metadata` of an uploaded resource; `null` entries are left out.
 fn insert_metadata(value: Option<&Value>) -> Result<Metadata, ApiError> {
-    let mut metadata = Metadata::new();
     let Some(value) = value.filter(|v| !v.is_null()) else {
-        return Ok(metadata);
+        return Ok(Metadata::new());
     };
+    let mut entries = Vec::new();
     for (key, value) in metadata_map(value)? {
         if let Some(value) = metadata_value(key, value)? {
-            metadata.insert(key.clone(), value);
+            entries.push((key.clone(), value));
         }
     }
-    Ok(metadata)
+    Ok(entries.into_iter().collect())
 }
 
 /// The `metadata` change of a PATCH body; `null` values remove keys. Other fields are ignored.
@@ -1343,7 +1344,7 @@ fn metadata_patch(body: &[u8]) -> Result<MetadataPatch, ApiError> {
         )),
         Some(value) => metadata_map(value)?
             .iter()
-            .map(|(key, value)| Ok((key.clone(), metadata_value(key, value)?)))
+            .map(|(key, value)| Ok((key.clone().into(), metadata_value(key, value)?)))
             .collect(),
     }
 }
@@ -1377,8 +1378,8 @@ fn execute(prepared: Prepared) -> Response<Body> {
         }
         Op::Get { object, media, pre } => match store.get_checked(&object, pre) {
             Ok(o) if media => media_response(
-                o.data.clone(),
-                o.content_type.clone(),
+                o.data.to_vec(),
+                o.content_type.as_deref().map(str::to_owned),
                 o.generation,
                 o.metageneration,
             ),
@@ -1392,7 +1393,14 @@ fn execute(prepared: Prepared) -> Response<Body> {
             content_type,
             data,
             pre,
-        } => match store.insert(&object, metadata, cache_control, content_type, data, pre) {
+        } => match store.insert(
+            &object,
+            metadata,
+            cache_control.map(Cow::Owned),
+            content_type.map(Cow::Owned),
+            Cow::Owned(data),
+            pre,
+        ) {
             Ok(o) => json_response(StatusCode::OK, &wire::object_resource(&bucket, &o)),
             Err(e) => store_error(e, &bucket, &object),
         },

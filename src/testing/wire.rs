@@ -110,25 +110,25 @@ pub(crate) fn object_resource(bucket: &str, o: &StoredObject) -> Value {
         "id".into(),
         format!("{bucket}/{}/{}", o.name, o.generation).into(),
     );
-    m.insert("name".into(), o.name.clone().into());
+    m.insert("name".into(), o.name.to_string().into());
     m.insert("bucket".into(), bucket.into());
     m.insert("generation".into(), o.generation.to_string().into());
     m.insert("metageneration".into(), o.metageneration.to_string().into());
     if let Some(ct) = &o.content_type {
-        m.insert("contentType".into(), ct.clone().into());
+        m.insert("contentType".into(), ct.to_string().into());
     }
     m.insert("storageClass".into(), "STANDARD".into());
     m.insert("size".into(), o.data.len().to_string().into());
     m.insert("timeCreated".into(), rfc3339_millis(o.created).into());
     m.insert("updated".into(), rfc3339_millis(o.updated).into());
     if let Some(cc) = &o.cache_control {
-        m.insert("cacheControl".into(), cc.clone().into());
+        m.insert("cacheControl".into(), cc.to_string().into());
     }
     if !o.metadata.is_empty() {
         let md: Map<String, Value> = o
             .metadata
             .iter()
-            .map(|(k, v)| (k.clone(), Value::String(v.clone())))
+            .map(|(k, v)| (k.to_owned(), Value::String(v.to_owned())))
             .collect();
         m.insert("metadata".into(), Value::Object(md));
     }

@@ -292,7 +292,7 @@ impl Pending {
                     }
                     if event.kind == Kind::Inspect {
                         event.token = Some(s.version().generation());
-                        event.detail = s.metadata().get("owner").cloned().unwrap_or_default();
+                        event.detail = s.metadata().get("owner").unwrap_or_default().to_owned();
                     }
                 }
             }

@@ -293,9 +293,7 @@ pub async fn foreign_takeover_is_signalled(env: &Env) {
     let raw = env.backend().await;
     let name = format!("{}stolen", env.prefix);
     let state = raw.inspect(&name).await.unwrap().into_value().unwrap();
-    let mut md = Metadata::new();
-    md.insert("owner".into(), "intruder#0".into());
-    md.insert("ttl".into(), "60".into());
+    let md = Metadata::from([("owner", "intruder#0"), ("ttl", "60")]);
     let stolen = raw
         .takeover(&name, state.version(), &md)
         .await
