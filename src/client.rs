@@ -1,13 +1,14 @@
 //! The lock client: configuration, acquisition, and shutdown.
 
 use std::fmt;
+use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use tokio::sync::{Notify, watch};
 
-use crate::backend::{Backend, BackendError, BoxFuture, ObjectState};
+use crate::backend::{Backend, BackendError, BoxFuture, ObjectState, Reply};
 use crate::backoff::{Backoff, RetryPolicy};
 use crate::error::{ConfigError, Error, ShutdownTimeout};
 use crate::guard::{LeaseShared, LockGuard};
@@ -100,11 +101,12 @@ impl fmt::Debug for Client {
 
 /// How an acquisition ends when the lock is held elsewhere.
 #[derive(Debug, Clone, Copy)]
-enum Contention {
+pub(crate) enum Contention {
     Fail,
     WaitUntil(Instant),
 }
 
+#[derive(Clone, Copy)]
 enum Step {
     Create,
     Inspect,
@@ -311,16 +313,8 @@ impl Client {
         self.acquire_named(key, name, contention).await
     }
 
-    /// [`Client::try_acquire`] of a key whose object name is known.
-    pub(crate) async fn try_acquire_named(
-        &self,
-        key: LockKey,
-        name: String,
-    ) -> Result<LockGuard, Error> {
-        self.acquire_named(key, name, Contention::Fail).await
-    }
-
-    async fn acquire_named(
+    /// An acquisition of `key`, whose object name `name` is known.
+    pub(crate) async fn acquire_named(
         &self,
         key: LockKey,
         name: String,
@@ -330,13 +324,13 @@ impl Client {
             return Err(Error::ShutDown);
         }
         let cfg = &self.inner.config;
-        let backend = &*self.inner.backend;
         let local = &self.inner.local;
         // Waiters of this client queue locally; only the head of the queue talks to the
         // backend. Fail-fast callers do not queue.
         let _turn = match contention {
             Contention::Fail => None,
-            Contention::WaitUntil(deadline) => match local.queue(&name, deadline).await {
+            // Boxed (as is every wait below): only waiters pay for the room these take.
+            Contention::WaitUntil(deadline) => match Box::pin(local.queue(&name, deadline)).await {
                 Some(turn) => Some(turn),
                 None => return Err(self.held_here(&name)),
             },
@@ -349,39 +343,103 @@ impl Client {
                         remaining: Some(local::remaining(&lease, cfg.margin())),
                     });
                 }
-                Contention::WaitUntil(deadline) => self.wait_for_local(&lease, deadline).await?,
+                Contention::WaitUntil(deadline) => {
+                    Box::pin(self.wait_for_local(&lease, deadline)).await?
+                }
             }
         }
         let owner = new_owner(&cfg.identity);
         let started = Instant::now();
+        // A waiter on a throttled backend: the lock may have been released (deleted) a moment
+        // ago, and a create now would be refused. It reads first, and creates after the
+        // absence window.
+        let throttled =
+            matches!(contention, Contention::WaitUntil(_)) && self.inner.recently_throttled();
+        let mut first = None;
+        if !throttled {
+            // Most acquisitions are this one create: only it lives in this future, and the
+            // rest of the protocol (contention, ambiguity, takeover) in a boxed one.
+            let a = self.create(&name, &owner, contention).await;
+            match a.result {
+                Ok(reply) => {
+                    tracing::debug!(target: "dimutex", key_id = crate::key_id(&key), elapsed_ms = started.elapsed().as_millis() as u64, "acquired");
+                    return Ok(self.hold(key, name, owner, reply.into_value(), a.first_sent));
+                }
+                Err(e) => {
+                    first = Some(Attempted {
+                        result: Err(e),
+                        ambiguous: a.ambiguous,
+                        first_sent: a.first_sent,
+                    })
+                }
+            }
+        }
+        let rest = self.contended(key, name, owner, contention, started, throttled, first);
+        Box::pin(rest).await
+    }
+
+    /// One create of the lock object (a waiter does not retry a throttled write: it goes back
+    /// to reading).
+    fn create<'a>(
+        &'a self,
+        name: &'a str,
+        owner: &str,
+        contention: Contention,
+    ) -> impl Future<Output = Attempted<Reply<ObjectState>>> + 'a {
+        let cfg = &self.inner.config;
+        let md = object::lock_metadata(cfg.ttl, &cfg.ttl_text, owner, (cfg.clock)());
+        let retry_429 = matches!(contention, Contention::Fail);
+        let backend = &*self.inner.backend;
+        async move { self.call(|| backend.create(name, &md), retry_429).await }
+    }
+
+    /// The rest of an acquisition once its `first` create did not take the lock (or, for a
+    /// waiter on a throttled backend, before any create).
+    #[allow(clippy::too_many_arguments)]
+    async fn contended(
+        &self,
+        key: LockKey,
+        name: String,
+        owner: String,
+        contention: Contention,
+        started: Instant,
+        throttled: bool,
+        mut first: Option<Attempted<Reply<ObjectState>>>,
+    ) -> Result<LockGuard, Error> {
+        let cfg = &self.inner.config;
+        let backend = &*self.inner.backend;
+        let local = &self.inner.local;
         let mut polls = cfg.poll.delays();
         let mut first_write: Option<Instant> = None;
         let mut rounds = 0;
         // Wait mode: whether we saw another holder, and are taking a second look at its absence.
-        let mut seen_held = false;
+        let mut seen_held = throttled;
         let mut confirming = false;
         // Wait mode, backend throttling: since when, and for how long, the lock must be seen
         // absent before we create.
         let mut absent: Option<(Instant, Duration)> = None;
-        let mut step = Step::Create;
-        if matches!(contention, Contention::WaitUntil(_)) && self.inner.recently_throttled() {
-            // A throttled backend: the lock may have been released (deleted) a moment ago, and
-            // a create now would be refused. Read first, and create after the absence window.
-            seen_held = true;
-            step = Step::Inspect;
-        }
+        let mut step = if throttled {
+            Step::Inspect
+        } else {
+            Step::Create
+        };
         loop {
             match step {
                 Step::Create | Step::Takeover(_) => {
-                    let md = object::lock_metadata(cfg.ttl, &cfg.ttl_text, &owner, (cfg.clock)());
-                    // A waiter does not retry a throttled write: it goes back to reading.
-                    let retry_429 = matches!(contention, Contention::Fail);
-                    let a = match step {
-                        Step::Takeover(v) => {
+                    let a = match (step, first.take()) {
+                        (Step::Create, Some(a)) => a,
+                        (Step::Takeover(v), _) => {
+                            let md = object::lock_metadata(
+                                cfg.ttl,
+                                &cfg.ttl_text,
+                                &owner,
+                                (cfg.clock)(),
+                            );
+                            let retry_429 = matches!(contention, Contention::Fail);
                             self.call(|| backend.takeover(&name, v, &md), retry_429)
                                 .await
                         }
-                        _ => self.call(|| backend.create(&name, &md), retry_429).await,
+                        _ => self.create(&name, &owner, contention).await,
                     };
                     first_write.get_or_insert(a.first_sent);
                     match a.result {
@@ -414,7 +472,7 @@ impl Client {
                                 return Err(self.failure(e));
                             }
                             let pause = jitter(MUTATION_WINDOW / 2);
-                            tokio::time::sleep(pause.min(deadline - now)).await;
+                            Box::pin(tokio::time::sleep(pause.min(deadline - now))).await;
                             seen_held = true;
                             step = Step::Inspect;
                         }
@@ -444,7 +502,7 @@ impl Client {
                                 if let Contention::WaitUntil(deadline) = contention {
                                     pause = pause.min(deadline.saturating_duration_since(now));
                                 }
-                                tokio::time::sleep(pause).await;
+                                Box::pin(tokio::time::sleep(pause)).await;
                                 if matches!(contention, Contention::WaitUntil(d) if Instant::now() < d)
                                 {
                                     continue;
@@ -459,7 +517,7 @@ impl Client {
                             let pause = jitter(cfg.poll.min());
                             if let Contention::WaitUntil(deadline) = contention {
                                 let left = deadline.saturating_duration_since(Instant::now());
-                                tokio::time::sleep(pause.min(left)).await;
+                                Box::pin(tokio::time::sleep(pause.min(left))).await;
                             }
                             continue;
                         }
@@ -506,12 +564,12 @@ impl Client {
                                 if let Some(lease) = local.healthy_holder(&name) {
                                     // Taken by another task of ours meanwhile: wait for its
                                     // release instead of polling.
-                                    self.wait_for_local(&lease, deadline).await?;
+                                    Box::pin(self.wait_for_local(&lease, deadline)).await?;
                                     step = Step::Create;
                                     continue;
                                 }
                                 let delay = polls.next_delay().min(deadline - now);
-                                tokio::time::sleep(delay).await;
+                                Box::pin(tokio::time::sleep(delay)).await;
                                 if *self.inner.shutdown.borrow() {
                                     return Err(Error::ShutDown);
                                 }
@@ -537,20 +595,9 @@ impl Client {
         }
     }
 
-    /// What this client knows of `key` without a request and without an `await`: held by a
-    /// healthy lease of its own, or not (with the object name, for the acquisition). A key
-    /// without a valid object name is the error [`try_acquire`](Self::try_acquire) gives.
-    pub(crate) fn held_here_now(&self, key: &LockKey) -> Result<LocalView, KeyError> {
-        let name = key::object_name(&self.inner.config.prefix, key)?;
-        Ok(match self.held_here_for(&name) {
-            Some(remaining) => LocalView::Held(remaining),
-            None => LocalView::NotHere(name),
-        })
-    }
-
     /// How long the lock object `name` may stay held, if a healthy lease of this client
     /// holds it.
-    fn held_here_for(&self, name: &str) -> Option<Duration> {
+    pub(crate) fn held_here_for(&self, name: &str) -> Option<Duration> {
         let lease = self.inner.local.healthy_holder(name)?;
         Some(local::remaining(&lease, self.inner.config.margin()))
     }
@@ -587,21 +634,23 @@ impl Client {
             sent + cfg.ttl - cfg.margin(),
         ));
         inner.local.insert(shared.name(), shared.clone());
-        let lease = lease::Lease {
-            client: lease::Counted::new(inner.clone()),
-            shared: shared.clone(),
-            owner,
-        };
+        let lease = lease::Lease::new(inner.clone(), shared.clone(), owner);
         let driver = inner.driver();
         driver.hold(lease);
         LockGuard::new(shared, inner.clone(), driver)
     }
 
-    async fn call<'a, T, F>(&'a self, op: F, retry_rate_limited: bool) -> Attempted<T>
+    /// [`Inner::call_with`] with the policy's deadline (its future itself: no wrapper).
+    fn call<'a, T, F>(
+        &'a self,
+        op: F,
+        retry_rate_limited: bool,
+    ) -> impl Future<Output = Attempted<T>> + 'a
     where
-        F: FnMut() -> BoxFuture<'a, Result<T, BackendError>>,
+        F: FnMut() -> BoxFuture<'a, Result<T, BackendError>> + 'a,
+        T: 'a,
     {
-        self.inner.call_with(op, None, retry_rate_limited).await
+        self.inner.call_with(op, None, retry_rate_limited)
     }
 }
 
@@ -632,11 +681,16 @@ impl Inner {
 
     /// Sends one request, retrying transient failures per the retry policy until `give_up_at`
     /// (default: the policy's `max_elapsed` from now).
-    pub(crate) async fn call<'a, T, F>(&self, op: F, give_up_at: Option<Instant>) -> Attempted<T>
+    pub(crate) fn call<'a, T, F>(
+        &'a self,
+        op: F,
+        give_up_at: Option<Instant>,
+    ) -> impl Future<Output = Attempted<T>> + 'a
     where
-        F: FnMut() -> BoxFuture<'a, Result<T, BackendError>>,
+        F: FnMut() -> BoxFuture<'a, Result<T, BackendError>> + 'a,
+        T: 'a,
     {
-        self.call_with(op, give_up_at, true).await
+        self.call_with(op, give_up_at, true)
     }
 
     /// [`call`](Self::call), retrying 429s only if `retry_rate_limited`.
@@ -665,7 +719,8 @@ impl Inner {
             if matches!(&result, Err(e) if e.is_rate_limited()) {
                 self.note_throttled();
             }
-            match result {
+            // The reply is not kept across the pause: a smaller future for every acquisition.
+            let delay = match result {
                 Err(e) if e.is_transient() && (retry_rate_limited || !e.is_rate_limited()) => {
                     // A 429 is refused before it is applied; anything else may have landed.
                     ambiguous |= !e.is_rate_limited();
@@ -689,7 +744,7 @@ impl Inner {
                         };
                     }
                     tracing::debug!(target: "dimutex", error = %e, delay_ms = delay.as_millis() as u64, "transient failure; retrying");
-                    tokio::time::sleep(delay).await;
+                    delay
                 }
                 result => {
                     return Attempted {
@@ -698,7 +753,8 @@ impl Inner {
                         first_sent,
                     };
                 }
-            }
+            };
+            tokio::time::sleep(delay).await;
         }
     }
 
@@ -752,15 +808,6 @@ fn new_owner(identity: &str) -> String {
     // ASCII hex digits.
     owner.push_str(std::str::from_utf8(&digits).unwrap_or_default());
     owner
-}
-
-/// [`Client::held_here_now`]'s answer.
-pub(crate) enum LocalView {
-    /// Held by a healthy lease of this client, for at most this long (what
-    /// [`Client::try_acquire`] would answer as [`Error::Held`]).
-    Held(Duration),
-    /// Not held here; the key's object name.
-    NotHere(String),
 }
 
 /// Configures a [`Client`]. Invalid settings are reported by [`build`](Self::build), never

@@ -97,6 +97,8 @@ pub(crate) struct LeaseShared {
     token: FencingToken,
     /// Lost, or ended.
     lost: AtomicBool,
+    /// Still among the client's live leases.
+    counted: AtomicBool,
     notify: Notify,
     state: Mutex<LeaseState>,
 }
@@ -143,6 +145,7 @@ impl LeaseShared {
             name,
             token: FencingToken(version.generation()),
             lost: AtomicBool::new(false),
+            counted: AtomicBool::new(true),
             notify: Notify::new(),
             state: Mutex::new(LeaseState {
                 version,
@@ -192,6 +195,11 @@ impl LeaseShared {
         self.lost.load(Ordering::Acquire)
     }
 
+    /// Takes the lease off the client's count of live leases: `true` the first time only.
+    pub(crate) fn take_count(&self) -> bool {
+        self.counted.swap(false, Ordering::AcqRel)
+    }
+
     /// Marks the lease lost (or ended) and wakes everyone waiting for that.
     pub(crate) fn mark_lost(&self) {
         self.lost.store(true, Ordering::Release);
@@ -219,9 +227,11 @@ impl LeaseShared {
 /// process paused longer than the ttl may wake up after someone else took over, so pass the
 /// [`token`](Self::token) to whatever you protect.
 ///
-/// Dropping the guard hands the release to the client's background work (no task is spawned
-/// and nothing blocks in `Drop`); [`release`](Self::release) does the same and waits for the
-/// outcome; [`Client::shutdown`](crate::Client::shutdown) waits for all pending releases.
+/// Dropping the guard starts the delete at once (on a tokio runtime, and unless a refresh is in
+/// flight) and leaves the rest to the client's background work: no task is spawned and nothing
+/// blocks in `Drop`; with the in-memory backend the lock is free when `drop` returns.
+/// [`release`](Self::release) sends the delete and waits for the outcome;
+/// [`Client::shutdown`](crate::Client::shutdown) waits for all pending releases.
 ///
 /// ```
 /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), dimutex::Error> {
@@ -350,8 +360,8 @@ impl LockGuard {
 impl Drop for LockGuard {
     fn drop(&mut self) {
         if let Some(driver) = self.driver.take() {
-            // Only a message: the driver does the release.
-            driver.release(self.held.shared.id(), None);
+            // No spawn, no blocking: the delete is polled once, then left to the driver.
+            lease::release_on_drop(&self.client, &self.held.shared, driver);
         }
     }
 }

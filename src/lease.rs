@@ -34,34 +34,45 @@ use crate::guard::{Claim, LeaseShared, LeaseState, ReleaseRequest};
 use crate::object;
 
 /// What the client and the guards tell the driver.
-pub(crate) enum Command {
+enum Command {
     /// Something waits in the inbox.
     Adopt,
     /// Release the lease `id`, answering on `reply` if someone waits for the outcome.
     Release { id: u64, reply: ReleaseRequest },
+    /// Finish a release its dropped guard began (polled once already).
+    Continue(Op),
 }
 
-/// A client handle counted in the client's number of live leases while it exists.
-pub(crate) struct Counted(Arc<Inner>);
-
-impl Counted {
-    pub(crate) fn new(inner: Arc<Inner>) -> Self {
-        inner.lease_opened();
-        Self(inner)
-    }
-}
-
-impl Drop for Counted {
-    fn drop(&mut self) {
-        self.0.lease_closed();
-    }
-}
-
-/// A freshly acquired lease, as handed to the driver.
+/// A freshly acquired lease, as handed to the driver. It counts among the client's live
+/// leases until its release ends ([`ended`]) or, at the latest, until it is dropped.
 pub(crate) struct Lease {
-    pub(crate) client: Counted,
-    pub(crate) shared: Arc<LeaseShared>,
-    pub(crate) owner: String,
+    client: Arc<Inner>,
+    shared: Arc<LeaseShared>,
+    owner: String,
+}
+
+impl Lease {
+    pub(crate) fn new(client: Arc<Inner>, shared: Arc<LeaseShared>, owner: String) -> Self {
+        client.lease_opened();
+        Self {
+            client,
+            shared,
+            owner,
+        }
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        uncount(&self.client, &self.shared);
+    }
+}
+
+/// Takes the lease off the client's count of live leases, once.
+fn uncount(inner: &Inner, shared: &LeaseShared) {
+    if shared.take_count() {
+        inner.lease_closed();
+    }
 }
 
 /// A lease in the driver's care.
@@ -93,6 +104,9 @@ enum Refresh {
 enum Outcome {
     Refreshed(Refresh),
     Released(Result<bool, Error>),
+    /// A release begun by a dropped guard is done (and its end recorded): only the driver's
+    /// entry is left.
+    GuardReleased,
 }
 
 type Op = Pin<Box<dyn Future<Output = (u64, Outcome)> + Send>>;
@@ -200,7 +214,11 @@ impl DriverHandle {
 
     /// Asks the driver to release lease `id`, answering on `reply`.
     pub(crate) fn release(&self, id: u64, reply: ReleaseRequest) -> bool {
-        self.commands.send(Command::Release { id, reply }).is_ok()
+        self.send(Command::Release { id, reply })
+    }
+
+    fn send(&self, command: Command) -> bool {
+        self.commands.send(command).is_ok()
     }
 
     /// Hands a new lease to the driver.
@@ -385,6 +403,7 @@ impl Driver {
         match command {
             // The loop empties the inbox at every turn.
             Command::Adopt => {}
+            Command::Continue(op) => self.ops.push(op),
             Command::Release { id, reply } => {
                 if !self.leases.contains_key(&id) {
                     // Left in the inbox after this turn emptied it.
@@ -436,7 +455,7 @@ impl Driver {
 
     fn hold(&mut self, lease: Lease) {
         let id = lease.shared.id();
-        let cfg = &lease.client.0.config;
+        let cfg = &lease.client.config;
         let sent = lease.shared.state().sent;
         let first = on_grid(sent + first_refresh_delay(cfg.refresh_interval));
         self.leases.insert(
@@ -498,7 +517,7 @@ impl Driver {
                 state.refreshing = true;
                 (state.version, state.deadline)
             };
-            let inner = entry.lease.client.0.clone();
+            let inner = entry.lease.client.clone();
             let owner = entry.lease.owner.clone();
             self.starting.push(Box::pin(async move {
                 let r = refresh(&inner, shared.name(), &owner, version, deadline).await;
@@ -537,7 +556,7 @@ impl Driver {
         }
         entry.driver_releasing = true;
         entry.reply = reply;
-        let inner = entry.lease.client.0.clone();
+        let inner = entry.lease.client.clone();
         let shared = entry.lease.shared.clone();
         self.starting.push(Box::pin(async move {
             let r = release(&inner, &shared, state).await;
@@ -547,17 +566,26 @@ impl Driver {
 
     fn finish(&mut self, id: u64, outcome: Outcome) {
         match outcome {
+            Outcome::GuardReleased => {
+                if !self.leases.contains_key(&id) {
+                    // Still in the inbox.
+                    self.adopt();
+                }
+                if let Some(at) = self.leases.remove(&id).and_then(|entry| entry.wake) {
+                    self.timers.remove(&(at, id));
+                }
+            }
             Outcome::Refreshed(refresh) => self.refreshed(id, refresh),
             Outcome::Released(result) => {
                 let Some(entry) = self.leases.remove(&id) else {
                     return;
                 };
                 let lease = &entry.lease;
-                ended(&lease.client.0, &lease.shared, &result);
+                ended(&lease.client, &lease.shared, &result);
                 if let Some(reply) = entry.reply {
                     let _ = reply.send(result);
                 }
-                // `entry` (and its count in the client's live leases) goes here.
+                // `entry` goes here (its count in the client's live leases went in `ended`).
             }
         }
     }
@@ -567,7 +595,7 @@ impl Driver {
             return;
         };
         let shared = &entry.lease.shared;
-        let cfg = &entry.lease.client.0.config;
+        let cfg = &entry.lease.client.config;
         // The next refresh, or why the lease is lost.
         let next = {
             let mut state = shared.state();
@@ -635,6 +663,44 @@ fn ended(inner: &Inner, shared: &Arc<LeaseShared>, result: &Result<bool, Error>)
     }
     inner.local.remove(shared.name(), shared);
     shared.mark_lost();
+    uncount(inner, shared);
+}
+
+/// A dropped [`LockGuard`](crate::LockGuard): its release starts here, in the dropping task,
+/// when no refresh is in flight and a runtime is at hand (the request's first poll needs its
+/// timers and I/O). A release that completes at once (an in-process backend) is done without
+/// waking the driver; one that waits for its reply goes on in the driver. Otherwise the
+/// driver does it all.
+pub(crate) fn release_on_drop(inner: &Arc<Inner>, shared: &Arc<LeaseShared>, driver: DriverHandle) {
+    let id = shared.id();
+    if tokio::runtime::Handle::try_current().is_err() {
+        driver.release(id, None);
+        return;
+    }
+    let state = match shared.claim_release() {
+        Claim::Claimed(state) => state,
+        Claim::Refreshing | Claim::Releasing => {
+            driver.release(id, None);
+            return;
+        }
+    };
+    let (inner, shared) = (inner.clone(), shared.clone());
+    let mut op: Op = Box::pin(async move {
+        let result = release(&inner, &shared, state).await;
+        ended(&inner, &shared, &result);
+        (id, Outcome::GuardReleased)
+    });
+    // Polled once without a waker: the driver polls it again (with its own) if it waits.
+    match op
+        .as_mut()
+        .poll(&mut Context::from_waker(std::task::Waker::noop()))
+    {
+        Poll::Ready(_) => driver.released(id),
+        // Refused only if the driver is gone (its runtime stopped): the lease then expires.
+        Poll::Pending => {
+            let _ = driver.send(Command::Continue(op));
+        }
+    }
 }
 
 /// [`LockGuard::release`](crate::LockGuard::release): from the caller's task when no refresh

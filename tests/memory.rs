@@ -428,3 +428,69 @@ async fn a_landed_delete_is_recognised_until_the_earliest_possible_takeover() {
     assert!(released, "our own landed delete");
     assert_eq!(backend.object_count(), 0);
 }
+
+/// Dropping a guard on a runtime sends its delete right away: on an in-process backend the
+/// lock is free, and no longer counted, the moment `drop` returns (no task had to run).
+#[tokio::test(flavor = "current_thread")]
+async fn a_dropped_guard_is_released_before_drop_returns() {
+    let backend = MemoryBackend::new();
+    let client = dimutex::Client::new(backend.clone());
+    let guard = client.try_acquire("dropped").await.unwrap();
+    let held = guard.held_lock();
+    drop(guard);
+    assert_eq!(backend.object_count(), 0);
+    assert_eq!(client.active_leases(), 0);
+    assert!(!held.is_healthy());
+    // And `release()` stops counting the lease when it returns, too.
+    let guard = client.try_acquire("released").await.unwrap();
+    assert!(guard.release().await.unwrap());
+    assert_eq!(client.active_leases(), 0);
+    // Taken again at once: this client does not think it still holds them.
+    for key in ["dropped", "released"] {
+        client
+            .try_acquire(key)
+            .await
+            .unwrap()
+            .release()
+            .await
+            .unwrap();
+    }
+}
+
+/// A dropped guard whose delete waits for its reply: the lease driver finishes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_guard_with_a_slow_delete_is_finished_by_the_driver() {
+    use std::time::{Duration, Instant};
+    let backend = MemoryBackend::new();
+    let client = dimutex::Client::new(Scripted {
+        inner: backend.clone(),
+        release_delay: Duration::from_millis(200),
+        ..Scripted::default()
+    });
+    let guard = client.try_acquire("slow").await.unwrap();
+    drop(guard);
+    assert_eq!(backend.object_count(), 1, "the delete is still on its way");
+    assert_eq!(client.active_leases(), 1);
+    let started = Instant::now();
+    while backend.object_count() > 0 || client.active_leases() > 0 {
+        assert!(started.elapsed() < Duration::from_secs(3), "not released");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(started.elapsed() >= Duration::from_millis(150));
+    client.shutdown(Duration::from_secs(1)).await.unwrap();
+}
+
+/// A guard dropped on a thread without a runtime: the driver does the whole release.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_guard_dropped_off_the_runtime_is_released_by_the_driver() {
+    use std::time::{Duration, Instant};
+    let backend = MemoryBackend::new();
+    let client = dimutex::Client::new(backend.clone());
+    let guard = client.try_acquire("elsewhere").await.unwrap();
+    std::thread::spawn(move || drop(guard)).join().unwrap();
+    let started = Instant::now();
+    while backend.object_count() > 0 || client.active_leases() > 0 {
+        assert!(started.elapsed() < Duration::from_secs(3), "not released");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}

@@ -6,7 +6,7 @@ use std::time::Instant;
 use http::{Request, Response};
 use tower_service::Service;
 
-use crate::client::LocalView;
+use crate::client::Contention;
 
 use super::body::LockBody;
 use super::future::ResponseFuture;
@@ -89,31 +89,29 @@ where
             }
         };
         let wait = self.layer.settings.wait;
-        let mut name = None;
-        if wait.is_none() {
+        let client = self.layer.client.clone();
+        let name = client.object_name(&key);
+        if let (None, Ok(name)) = (wait, &name) {
             // Held by another request of this process: answered here, without a request and
             // without the acquisition's future.
-            match self.layer.client.held_here_now(&key) {
-                Ok(LocalView::Held(remaining)) => {
-                    tracing::debug!(target: "dimutex::layer", key_id = crate::key_id(&key), outcome = "held", "lock for request");
-                    let rejection = Rejection::Held {
-                        remaining: Some(remaining),
-                    };
-                    return ResponseFuture::reject(self.layer.on_rejection.response(&rejection));
-                }
-                Ok(LocalView::NotHere(object_name)) => name = Some(object_name),
-                // The acquisition reports it.
-                Err(_) => {}
+            if let Some(remaining) = client.held_here_for(name) {
+                tracing::debug!(target: "dimutex::layer", key_id = crate::key_id(&key), outcome = "held", "lock for request");
+                let rejection = Rejection::Held {
+                    remaining: Some(remaining),
+                };
+                return ResponseFuture::reject(self.layer.on_rejection.response(&rejection));
             }
         }
-        let client = self.layer.client.clone();
         let key_id = crate::key_id(&key);
         let acquire = Box::pin(async move {
             let started = Instant::now();
-            let result = match (wait, name) {
-                (None, Some(name)) => client.try_acquire_named(key, name).await,
-                (None, None) => client.try_acquire(key).await,
-                (Some(wait), _) => client.acquire(key, Instant::now() + wait).await,
+            let contention = match wait {
+                None => Contention::Fail,
+                Some(wait) => Contention::WaitUntil(started + wait),
+            };
+            let result = match name {
+                Ok(name) => client.acquire_named(key, name, contention).await,
+                Err(e) => Err(e.into()),
             };
             let outcome = match &result {
                 Ok(_) => "acquired",
