@@ -3,7 +3,7 @@
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
 use std::time::Instant;
@@ -89,6 +89,11 @@ impl fmt::Display for FencingToken {
 }
 
 /// What the guard, the client's local map and the lease driver share.
+/// [`LeaseShared::end`]: its release has ended.
+const ENDED: u8 = 1;
+/// [`LeaseShared::watch`]: the lease driver has it in its care.
+const WATCHED: u8 = 2;
+
 pub(crate) struct LeaseShared {
     id: u64,
     key: LockKey,
@@ -97,8 +102,9 @@ pub(crate) struct LeaseShared {
     token: FencingToken,
     /// Lost, or ended.
     lost: AtomicBool,
-    /// Still among the client's live leases.
-    counted: AtomicBool,
+    /// [`ENDED`] once its release has ended; [`WATCHED`] once the lease driver took it into
+    /// its care. Whoever comes second of the two knows the other's part is done.
+    stage: AtomicU8,
     notify: Notify,
     state: Mutex<LeaseState>,
 }
@@ -145,7 +151,7 @@ impl LeaseShared {
             name,
             token: FencingToken(version.generation()),
             lost: AtomicBool::new(false),
-            counted: AtomicBool::new(true),
+            stage: AtomicU8::new(0),
             notify: Notify::new(),
             state: Mutex::new(LeaseState {
                 version,
@@ -195,9 +201,16 @@ impl LeaseShared {
         self.lost.load(Ordering::Acquire)
     }
 
-    /// Takes the lease off the client's count of live leases: `true` the first time only.
-    pub(crate) fn take_count(&self) -> bool {
-        self.counted.swap(false, Ordering::AcqRel)
+    /// Marks the release ended. The first time: `Some(watched)`, whether the lease driver
+    /// has the lease in its care (and so must be told to forget it); later: `None`.
+    pub(crate) fn end(&self) -> Option<bool> {
+        let before = self.stage.fetch_or(ENDED, Ordering::AcqRel);
+        (before & ENDED == 0).then_some(before & WATCHED != 0)
+    }
+
+    /// The lease driver takes the lease into its care, unless its release has ended already.
+    pub(crate) fn watch(&self) -> bool {
+        self.stage.fetch_or(WATCHED, Ordering::AcqRel) & ENDED == 0
     }
 
     /// Marks the lease lost (or ended) and wakes everyone waiting for that.
@@ -481,5 +494,32 @@ impl Future for Lost {
 impl fmt::Debug for Lost {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Lost").finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lease() -> LeaseShared {
+        let now = Instant::now();
+        let key = LockKey::new("k").unwrap();
+        LeaseShared::new(1, key, "dimutex/k".into(), Version::new(1, 1), now, now)
+    }
+
+    #[test]
+    fn ended_before_the_driver_looks_is_never_watched() {
+        let shared = lease();
+        assert_eq!(shared.end(), Some(false), "no driver entry to forget");
+        assert!(!shared.watch(), "the driver skips it");
+        assert_eq!(shared.end(), None, "counted once");
+    }
+
+    #[test]
+    fn watched_before_the_end_is_forgotten_when_told() {
+        let shared = lease();
+        assert!(shared.watch());
+        assert_eq!(shared.end(), Some(true), "the driver must be told");
+        assert_eq!(shared.end(), None);
     }
 }

@@ -64,14 +64,19 @@ impl Lease {
 
 impl Drop for Lease {
     fn drop(&mut self) {
-        uncount(&self.client, &self.shared);
+        let _ = uncount(&self.client, &self.shared);
     }
 }
 
-/// Takes the lease off the client's count of live leases, once.
-fn uncount(inner: &Inner, shared: &LeaseShared) {
-    if shared.take_count() {
-        inner.lease_closed();
+/// Takes the lease off the client's count of live leases, once; whether the driver must be
+/// told to forget it (it has the lease in its care).
+fn uncount(inner: &Inner, shared: &LeaseShared) -> bool {
+    match shared.end() {
+        Some(watched) => {
+            inner.lease_closed();
+            watched
+        }
+        None => false,
     }
 }
 
@@ -105,8 +110,10 @@ enum Outcome {
     Refreshed(Refresh),
     Released(Result<bool, Error>),
     /// A release begun by a dropped guard is done (and its end recorded): only the driver's
-    /// entry is left.
-    GuardReleased,
+    /// entry is left, if it has one (`watched`).
+    GuardReleased {
+        watched: bool,
+    },
 }
 
 type Op = Pin<Box<dyn Future<Output = (u64, Outcome)> + Send>>;
@@ -429,7 +436,11 @@ impl Driver {
         }
         let n = items.leases.len();
         for lease in items.leases.drain(..) {
-            self.hold(lease);
+            // Already released by its guard (a busy layer's usual case): nothing to watch,
+            // and the guard did not post its id.
+            if lease.shared.watch() {
+                self.hold(lease);
+            }
         }
         for id in items.released.drain(..) {
             // Its guard released it (and took it off the local map); only our entry is left.
@@ -566,7 +577,7 @@ impl Driver {
 
     fn finish(&mut self, id: u64, outcome: Outcome) {
         match outcome {
-            Outcome::GuardReleased => {
+            Outcome::GuardReleased { .. } => {
                 if !self.leases.contains_key(&id) {
                     // Still in the inbox.
                     self.adopt();
@@ -581,7 +592,8 @@ impl Driver {
                     return;
                 };
                 let lease = &entry.lease;
-                ended(&lease.client, &lease.shared, &result);
+                // The entry goes right here.
+                let _ = ended(&lease.client, &lease.shared, &result);
                 if let Some(reply) = entry.reply {
                     let _ = reply.send(result);
                 }
@@ -652,7 +664,9 @@ async fn recv(commands: &mut Option<mpsc::UnboundedReceiver<Command>>) -> Option
 
 /// What follows a release, by the driver or by the guard: the log line, the local map, the
 /// lost signal.
-fn ended(inner: &Inner, shared: &Arc<LeaseShared>, result: &Result<bool, Error>) {
+/// Records the end of a release; whether the driver must be told to forget the lease.
+#[must_use]
+fn ended(inner: &Inner, shared: &Arc<LeaseShared>, result: &Result<bool, Error>) -> bool {
     match result {
         Ok(held) => {
             tracing::debug!(target: "dimutex", key_id = crate::key_id(shared.key()), held, "released")
@@ -663,7 +677,7 @@ fn ended(inner: &Inner, shared: &Arc<LeaseShared>, result: &Result<bool, Error>)
     }
     inner.local.remove(shared.name(), shared);
     shared.mark_lost();
-    uncount(inner, shared);
+    uncount(inner, shared)
 }
 
 /// A dropped [`LockGuard`](crate::LockGuard): its release starts here, in the dropping task,
@@ -687,15 +701,16 @@ pub(crate) fn release_on_drop(inner: &Arc<Inner>, shared: &Arc<LeaseShared>, dri
     let (inner, shared) = (inner.clone(), shared.clone());
     let mut op: Op = Box::pin(async move {
         let result = release(&inner, &shared, state).await;
-        ended(&inner, &shared, &result);
-        (id, Outcome::GuardReleased)
+        let watched = ended(&inner, &shared, &result);
+        (id, Outcome::GuardReleased { watched })
     });
     // Polled once without a waker: the driver polls it again (with its own) if it waits.
     match op
         .as_mut()
         .poll(&mut Context::from_waker(std::task::Waker::noop()))
     {
-        Poll::Ready(_) => driver.released(id),
+        Poll::Ready((_, Outcome::GuardReleased { watched: true })) => driver.released(id),
+        Poll::Ready(_) => {}
         // Refused only if the driver is gone (its runtime stopped): the lease then expires.
         Poll::Pending => {
             let _ = driver.send(Command::Continue(op));
@@ -730,9 +745,11 @@ pub(crate) async fn release_from_guard(
         driver: Some(driver),
     };
     let result = release(inner, shared, state).await;
-    ended(inner, shared, &result);
+    let watched = ended(inner, shared, &result);
     if let Some(driver) = handover.driver.take() {
-        driver.released(shared.id());
+        if watched {
+            driver.released(shared.id());
+        }
     }
     result
 }
