@@ -99,7 +99,7 @@ pub async fn run(plan: &Plan) -> Result<(Vec<Figure>, Vec<String>)> {
     )
     .await?;
     let hot = client.try_acquire("hot").await?;
-    let diagnostic = in_process_costs(&client, plan.in_process_calls).await?;
+    let diagnostic = in_process_costs(&client, &backend, plan.in_process_calls).await?;
 
     let variants = [
         ("bare distinct", bare, Keys::Distinct, 200),
@@ -325,7 +325,11 @@ fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
 /// The process CPU time and allocations per request of each variant called in-process with
 /// `tower::ServiceExt::oneshot` (no sockets): the user-space cost the layer adds, lease tasks
 /// included.
-async fn in_process_costs(client: &Client, calls: u64) -> Result<String> {
+async fn in_process_costs(
+    client: &Client,
+    backend: &MemoryBackend,
+    calls: u64,
+) -> Result<String> {
     use http_body_util::BodyExt;
     use tower::ServiceExt;
 
@@ -333,9 +337,13 @@ async fn in_process_costs(client: &Client, calls: u64) -> Result<String> {
     let layered = Router::new()
         .route("/k/{key}", get(handler))
         .route_layer(LockLayer::new(client.clone(), FromPathParam::new("key")));
+    let raw = Router::new()
+        .route("/k/{key}", get(raw_writes))
+        .with_state(backend.clone());
     let mut out = Vec::new();
     for (name, app, hot) in [
         ("bare", &bare, false),
+        ("raw writes", &raw, false),
         ("layer distinct", &layered, false),
         ("layer 409", &layered, true),
     ] {
