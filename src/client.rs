@@ -633,7 +633,7 @@ impl Client {
             sent,
             sent + cfg.ttl - cfg.margin(),
         ));
-        inner.local.insert(shared.name(), shared.clone());
+        inner.local.insert(shared.clone());
         let lease = lease::Lease::new(inner.clone(), shared.clone(), owner);
         let driver = inner.driver();
         driver.hold(lease);

@@ -675,7 +675,7 @@ fn ended(inner: &Inner, shared: &Arc<LeaseShared>, result: &Result<bool, Error>)
             tracing::warn!(target: "dimutex", key_id = crate::key_id(shared.key()), error = %e, "release failed; the lease will expire")
         }
     }
-    inner.local.remove(shared.name(), shared);
+    inner.local.remove(shared);
     shared.mark_lost();
     uncount(inner, shared)
 }

@@ -6,19 +6,45 @@
 //! only the head of the queue talks to the backend, and it is woken the moment the local
 //! holder's release completes instead of polling.
 
-use std::collections::HashMap;
+use std::borrow::Borrow;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::guard::LeaseShared;
 
 /// Keys come from requests: a seeded hash, but a fast one (this runs several times a request).
-type Map<V> = HashMap<String, V, foldhash::fast::RandomState>;
+type Hash = foldhash::fast::RandomState;
 
 #[derive(Default)]
 pub(crate) struct Local {
-    held: Mutex<Map<Arc<LeaseShared>>>,
-    queues: Mutex<Map<Arc<tokio::sync::Mutex<()>>>>,
+    /// The leases, found by their object names (no copy of the name needed).
+    held: Mutex<HashSet<ByName, Hash>>,
+    queues: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>, Hash>>,
+}
+
+/// A lease as a set member: identified by its object name.
+struct ByName(Arc<LeaseShared>);
+
+impl Borrow<str> for ByName {
+    fn borrow(&self) -> &str {
+        self.0.name()
+    }
+}
+
+impl PartialEq for ByName {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.name() == other.0.name()
+    }
+}
+
+impl Eq for ByName {}
+
+impl std::hash::Hash for ByName {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        // As `str` hashes: lookups by `&str` find it.
+        self.0.name().hash(state);
+    }
 }
 
 /// A place at the head of one key's local queue; leaving it lets the next waiter in.
@@ -33,19 +59,25 @@ impl Local {
     /// The lease of this client that holds `name`, if it is healthy.
     pub(crate) fn healthy_holder(&self, name: &str) -> Option<Arc<LeaseShared>> {
         let held = self.held.lock().unwrap_or_else(|e| e.into_inner());
-        held.get(name).filter(|s| s.is_healthy()).cloned()
+        held.get(name)
+            .filter(|s| s.0.is_healthy())
+            .map(|s| s.0.clone())
     }
 
-    pub(crate) fn insert(&self, name: &str, lease: Arc<LeaseShared>) {
+    /// Records `lease` as the holder of its object name (in place of an older one).
+    pub(crate) fn insert(&self, lease: Arc<LeaseShared>) {
         let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
-        held.insert(name.to_owned(), lease);
+        held.replace(ByName(lease));
     }
 
     /// Forgets `lease` (and only it: a newer lease of the same name stays).
-    pub(crate) fn remove(&self, name: &str, lease: &Arc<LeaseShared>) {
+    pub(crate) fn remove(&self, lease: &Arc<LeaseShared>) {
         let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
-        if held.get(name).is_some_and(|s| Arc::ptr_eq(s, lease)) {
-            held.remove(name);
+        if held
+            .get(lease.name())
+            .is_some_and(|s| Arc::ptr_eq(&s.0, lease))
+        {
+            held.remove(lease.name());
         }
     }
 

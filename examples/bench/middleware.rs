@@ -325,11 +325,7 @@ fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
 /// The process CPU time and allocations per request of each variant called in-process with
 /// `tower::ServiceExt::oneshot` (no sockets): the user-space cost the layer adds, lease tasks
 /// included.
-async fn in_process_costs(
-    client: &Client,
-    backend: &MemoryBackend,
-    calls: u64,
-) -> Result<String> {
+async fn in_process_costs(client: &Client, backend: &MemoryBackend, calls: u64) -> Result<String> {
     use http_body_util::BodyExt;
     use tower::ServiceExt;
 
