@@ -134,7 +134,12 @@ fn validate(key: &str) -> Result<(), KeyError> {
             max: MAX_OBJECT_NAME_LEN,
         });
     }
-    if key.chars().any(char::is_control) {
+    let control = if key.is_ascii() {
+        key.bytes().any(|b| b.is_ascii_control())
+    } else {
+        key.chars().any(char::is_control)
+    };
+    if control {
         return Err(KeyError::ControlCharacter);
     }
     if key == "." || key == ".." {
@@ -223,7 +228,16 @@ mod tests {
                 max: 1024
             })
         );
-        for key in ["a\nb", "\r", "\0", "tab\there", "\u{7f}", "\u{85}"] {
+        assert!(LockKey::new("café-7").is_ok());
+        for key in [
+            "a\nb",
+            "\r",
+            "\0",
+            "tab\there",
+            "\u{7f}",
+            "\u{85}",
+            "café\n",
+        ] {
             assert_eq!(
                 LockKey::new(key),
                 Err(KeyError::ControlCharacter),

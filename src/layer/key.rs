@@ -231,8 +231,12 @@ impl KeyExtractor for FromPathParam {
             .get::<axum::extract::MatchedPath>()
             .ok_or_else(missing)?;
         let raw = path_param(matched.as_str(), parts.uri.path(), &self.name).ok_or_else(missing)?;
-        let bytes = percent_decode(raw).ok_or(KeyRejection::Invalid(KeyError::InvalidUtf8))?;
-        Ok(Some(LockKey::from_bytes(&bytes)?))
+        let key = match percent_decode(raw).ok_or(KeyRejection::Invalid(KeyError::InvalidUtf8))? {
+            // Nothing decoded: `raw` is the key, and a `str` already.
+            std::borrow::Cow::Borrowed(_) => LockKey::new(raw)?,
+            std::borrow::Cow::Owned(bytes) => LockKey::from_bytes(&bytes)?,
+        };
+        Ok(Some(key))
     }
 }
 
