@@ -65,8 +65,8 @@ pub(crate) struct Inner {
 pub(crate) struct Config {
     pub(crate) prefix: String,
     pub(crate) ttl: Duration,
-    /// `ttl` as the lock object's metadata writes it.
-    pub(crate) ttl_text: String,
+    /// `ttl` as the lock object's metadata writes it (shared by every lock's metadata).
+    pub(crate) ttl_text: Arc<str>,
     pub(crate) refresh_interval: Duration,
     pub(crate) identity: String,
     pub(crate) request_timeout: Duration,
@@ -383,7 +383,7 @@ impl Client {
     fn create<'a>(
         &'a self,
         name: &'a str,
-        owner: &str,
+        owner: &Arc<str>,
         contention: Contention,
     ) -> impl Future<Output = Attempted<Reply<ObjectState>>> + 'a {
         let cfg = &self.inner.config;
@@ -400,7 +400,7 @@ impl Client {
         &self,
         key: LockKey,
         name: String,
-        owner: String,
+        owner: Arc<str>,
         contention: Contention,
         started: Instant,
         throttled: bool,
@@ -533,7 +533,7 @@ impl Client {
                         step = Step::Create;
                         continue;
                     };
-                    if object::owner_of(&state) == Some(owner.as_str()) {
+                    if object::owner_of(&state) == Some(&*owner) {
                         // One of our own writes landed although its reply was lost.
                         let sent = first_write.unwrap_or(started);
                         if sent + cfg.ttl - cfg.margin() > Instant::now() {
@@ -618,7 +618,7 @@ impl Client {
         &self,
         key: LockKey,
         name: String,
-        owner: String,
+        owner: Arc<str>,
         state: ObjectState,
         sent: Instant,
     ) -> LockGuard {
@@ -795,20 +795,26 @@ fn jitter(max: Duration) -> Duration {
 }
 
 /// A fresh owner: the readable identity and a random 128-bit nonce.
-fn new_owner(identity: &str) -> String {
+fn new_owner(identity: &str) -> Arc<str> {
     const HEX: &[u8; 16] = b"0123456789abcdef";
     let nonce = rand::random::<u128>();
-    let mut digits = [0u8; 32];
-    for (i, digit) in digits.iter_mut().enumerate() {
+    if identity.len() > MAX_IDENTITY_LEN {
+        return format!("{identity}#{nonce:032x}").into();
+    }
+    // Written in place: one allocation.
+    let mut buf = [0u8; MAX_IDENTITY_LEN + 33];
+    let (name, rest) = buf.split_at_mut(identity.len());
+    name.copy_from_slice(identity.as_bytes());
+    rest[0] = b'#';
+    for (i, digit) in rest[1..33].iter_mut().enumerate() {
         *digit = HEX[((nonce >> ((31 - i) * 4)) & 0xf) as usize];
     }
-    let mut owner = String::with_capacity(identity.len() + 33);
-    owner.push_str(identity);
-    owner.push('#');
-    // ASCII hex digits.
-    owner.push_str(std::str::from_utf8(&digits).unwrap_or_default());
-    owner
+    // The identity (UTF-8) and ASCII.
+    Arc::from(std::str::from_utf8(&buf[..identity.len() + 33]).unwrap_or_default())
 }
+
+/// The longest identity [`ClientBuilder::identity`] accepts, in bytes.
+const MAX_IDENTITY_LEN: usize = 256;
 
 /// Configures a [`Client`]. Invalid settings are reported by [`build`](Self::build), never
 /// silently adjusted.
@@ -956,7 +962,7 @@ impl ClientBuilder {
         }
         let identity = self.identity.unwrap_or_else(default_identity);
         if identity.is_empty()
-            || identity.len() > 256
+            || identity.len() > MAX_IDENTITY_LEN
             || identity.contains('#')
             || identity.chars().any(char::is_control)
         {
@@ -967,7 +973,7 @@ impl ClientBuilder {
         let config = Config {
             prefix: self.prefix,
             ttl: self.ttl,
-            ttl_text: object::format_ttl(self.ttl),
+            ttl_text: object::format_ttl(self.ttl).into(),
             refresh_interval,
             identity,
             request_timeout: self.request_timeout,
@@ -1041,5 +1047,15 @@ mod tests {
                 .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
         );
         assert_ne!(a, new_owner("host:1"));
+        // The longest identity, multi-byte characters, and (not accepted by the builder, but
+        // handled) a longer one.
+        for identity in [
+            "é".repeat(MAX_IDENTITY_LEN / 2),
+            "x".repeat(MAX_IDENTITY_LEN + 1),
+        ] {
+            let owner = new_owner(&identity);
+            assert_eq!(owner.len(), identity.len() + 33);
+            assert!(owner.starts_with(&format!("{identity}#")));
+        }
     }
 }

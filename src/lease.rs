@@ -48,11 +48,11 @@ enum Command {
 pub(crate) struct Lease {
     client: Arc<Inner>,
     shared: Arc<LeaseShared>,
-    owner: String,
+    owner: Arc<str>,
 }
 
 impl Lease {
-    pub(crate) fn new(client: Arc<Inner>, shared: Arc<LeaseShared>, owner: String) -> Self {
+    pub(crate) fn new(client: Arc<Inner>, shared: Arc<LeaseShared>, owner: Arc<str>) -> Self {
         client.lease_opened();
         Self {
             client,

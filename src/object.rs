@@ -12,6 +12,7 @@
 //! are judged by it plus [`FOREIGN_SKEW`], against the server's clock. A lock with neither
 //! readable falls back to `updated` + the configured ttl — never "instantly stale".
 
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use time::OffsetDateTime;
@@ -37,36 +38,31 @@ const EXPIRES_FORMAT: &[BorrowedFormatItem<'static>] =
 /// this runs on every acquisition and refresh, and the format interpreter of `time` costs
 /// several times more. Times before 1970 or after 9999 (a broken wall clock) are written as
 /// the epoch.
-pub(crate) fn format_expires(at: SystemTime) -> String {
+pub(crate) fn format_expires(at: SystemTime) -> Arc<str> {
     let at = at
         .duration_since(SystemTime::UNIX_EPOCH)
         .ok()
         .and_then(|d| OffsetDateTime::from_unix_timestamp_nanos(d.as_nanos() as i128).ok())
         .filter(|t| (0..=9999).contains(&t.year()))
         .unwrap_or(OffsetDateTime::UNIX_EPOCH);
-    let mut out = String::with_capacity(30);
-    push_digits(&mut out, at.year() as u32, 4);
-    out.push('-');
-    push_digits(&mut out, u32::from(at.day()), 2);
-    out.push('-');
-    push_digits(&mut out, u32::from(u8::from(at.month())), 2);
-    out.push(' ');
-    push_digits(&mut out, u32::from(at.hour()), 2);
-    out.push(':');
-    push_digits(&mut out, u32::from(at.minute()), 2);
-    out.push(':');
-    push_digits(&mut out, u32::from(at.second()), 2);
-    out.push('.');
-    push_digits(&mut out, at.microsecond(), 6);
-    out.push_str(" UTC");
-    out
+    // "YYYY-DD-MM HH:MM:SS.ffffff UTC", written in place: the only allocation is the result.
+    let mut out = *b"0000-00-00 00:00:00.000000 UTC";
+    put_digits(&mut out[0..4], at.year() as u32);
+    put_digits(&mut out[5..7], u32::from(at.day()));
+    put_digits(&mut out[8..10], u32::from(u8::from(at.month())));
+    put_digits(&mut out[11..13], u32::from(at.hour()));
+    put_digits(&mut out[14..16], u32::from(at.minute()));
+    put_digits(&mut out[17..19], u32::from(at.second()));
+    put_digits(&mut out[20..26], at.microsecond());
+    // ASCII digits and separators.
+    Arc::from(std::str::from_utf8(&out).unwrap_or_default())
 }
 
-/// Appends the last `width` decimal digits of `n`, zero-padded.
-fn push_digits(out: &mut String, n: u32, width: u32) {
-    for i in (0..width).rev() {
-        let digit = (n / 10u32.pow(i)) % 10;
-        out.push(char::from(b'0' + digit as u8));
+/// Writes the last `out.len()` decimal digits of `n`, zero-padded.
+fn put_digits(out: &mut [u8], mut n: u32) {
+    for digit in out.iter_mut().rev() {
+        *digit = b'0' + (n % 10) as u8;
+        n /= 10;
     }
 }
 
@@ -98,14 +94,14 @@ pub(crate) fn parse_ttl(s: &str) -> Option<Duration> {
 /// The metadata of a fresh lock; `ttl_text` is [`format_ttl`] of `ttl` (made once per client).
 pub(crate) fn lock_metadata(
     ttl: Duration,
-    ttl_text: &str,
-    owner: &str,
+    ttl_text: &Arc<str>,
+    owner: &Arc<str>,
     wall_now: SystemTime,
 ) -> Metadata {
-    debug_assert_eq!(ttl_text, format_ttl(ttl));
+    debug_assert_eq!(**ttl_text, format_ttl(ttl));
     Metadata::from([
-        (TTL, ttl_text.to_owned()),
-        (OWNER, owner.to_owned()),
+        (TTL, ttl_text.clone()),
+        (OWNER, owner.clone()),
         (EXPIRES, format_expires(wall_now + ttl)),
     ])
 }
@@ -189,11 +185,11 @@ mod tests {
             let micros = seed % (230 * 365 * 86_400 * 1_000_000);
             let at = UNIX_EPOCH + Duration::from_micros(micros);
             let expected = OffsetDateTime::from(at).format(EXPIRES_FORMAT).unwrap();
-            assert_eq!(format_expires(at), expected);
+            assert_eq!(*format_expires(at), expected);
             assert_eq!(parse_expires(&expected), Some(at));
         }
         assert_eq!(
-            format_expires(UNIX_EPOCH + Duration::from_secs(400 * 365 * 86_400 * 100)),
+            &*format_expires(UNIX_EPOCH + Duration::from_secs(400 * 365 * 86_400 * 100)),
             "1970-01-01 00:00:00.000000 UTC"
         );
     }
@@ -202,11 +198,11 @@ mod tests {
     fn expires_uses_year_day_month() {
         // 2026-11-26T06:22:41.123456Z
         let t = at(1_795_674_161, 123_456);
-        assert_eq!(format_expires(t), "2026-26-11 06:22:41.123456 UTC");
+        assert_eq!(&*format_expires(t), "2026-26-11 06:22:41.123456 UTC");
         assert_eq!(parse_expires("2026-26-11 06:22:41.123456 UTC"), Some(t));
         // As Python's strftime writes a day <= 12: still year-day-month.
         assert_eq!(
-            format_expires(at(1_767_323_045, 0)),
+            &*format_expires(at(1_767_323_045, 0)),
             "2026-02-01 03:04:05.000000 UTC"
         );
         assert_eq!(parse_expires("garbage"), None);

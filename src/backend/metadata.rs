@@ -7,14 +7,15 @@ use std::sync::Arc;
 use serde::de::{Deserialize, Deserializer, MapAccess, Visitor};
 use serde::ser::{Serialize, SerializeMap, Serializer};
 
-type Entry = (Cow<'static, str>, String);
+type Entry = (Cow<'static, str>, Arc<str>);
 
 /// Custom metadata of a lock object (`metadata` in the GCS object resource): string keys to
 /// string values, kept sorted by key.
 ///
 /// Every lock acquisition builds one and every reply carries one, so it is made to be cheap:
-/// the entries live in one shared allocation (a clone shares them, it does not copy), and keys
-/// known at compile time are not copied at all. Changing an entry copies the entries once.
+/// the entries live in one shared allocation (a clone shares them, it does not copy), keys
+/// known at compile time are not copied at all, and values are shared strings (`Arc<str>`), so
+/// a value used in many objects is one allocation. Changing an entry copies the entries once.
 ///
 /// ```
 /// use dimutex::backend::Metadata;
@@ -80,8 +81,8 @@ impl Metadata {
     pub fn insert(
         &mut self,
         key: impl Into<Cow<'static, str>>,
-        value: impl Into<String>,
-    ) -> Option<String> {
+        value: impl Into<Arc<str>>,
+    ) -> Option<Arc<str>> {
         let key = key.into();
         let value = value.into();
         let mut entries = self.entries().to_vec();
@@ -103,7 +104,7 @@ impl Metadata {
     /// assert_eq!(md.remove("a").as_deref(), Some("1"));
     /// assert!(md.is_empty());
     /// ```
-    pub fn remove(&mut self, key: &str) -> Option<String> {
+    pub fn remove(&mut self, key: &str) -> Option<Arc<str>> {
         let i = self.find(key).ok()?;
         let mut entries = self.entries().to_vec();
         let (_, old) = entries.remove(i);
@@ -118,11 +119,13 @@ impl Metadata {
     /// assert_eq!(md.iter().collect::<Vec<_>>(), [("a", "1"), ("b", "2")]);
     /// ```
     pub fn iter(&self) -> impl ExactSizeIterator<Item = (&str, &str)> + '_ {
-        self.entries().iter().map(|(k, v)| (&**k, v.as_str()))
+        self.entries().iter().map(|(k, v)| (&**k, &**v))
     }
 
     /// The entries as changes that set them (what a PATCH of this metadata does).
-    pub(crate) fn changes(&self) -> impl Iterator<Item = (Cow<'static, str>, Option<String>)> + '_ {
+    pub(crate) fn changes(
+        &self,
+    ) -> impl Iterator<Item = (Cow<'static, str>, Option<Arc<str>>)> + '_ {
         self.entries()
             .iter()
             .map(|(k, v)| (k.clone(), Some(v.clone())))
@@ -139,13 +142,14 @@ impl Metadata {
     }
 
     /// This metadata with `changes` applied in order (`None` removes the key), copied once.
-    pub(crate) fn merged<K: Into<Cow<'static, str>>>(
+    pub(crate) fn merged<K: Into<Cow<'static, str>>, V: Into<Arc<str>>>(
         &self,
-        changes: impl IntoIterator<Item = (K, Option<String>)>,
+        changes: impl IntoIterator<Item = (K, Option<V>)>,
     ) -> Self {
         let mut entries = self.entries().to_vec();
         for (key, value) in changes {
             let key = key.into();
+            let value = value.map(Into::into);
             match (entries.binary_search_by(|(k, _)| k.cmp(&key)), value) {
                 (Ok(i), Some(value)) => entries[i].1 = value,
                 (Ok(i), None) => {
@@ -180,7 +184,7 @@ impl Metadata {
 impl<K, V, const N: usize> From<[(K, V); N]> for Metadata
 where
     K: Into<Cow<'static, str>>,
-    V: Into<String>,
+    V: Into<Arc<str>>,
 {
     /// Metadata from key-value pairs; one allocation when the keys are distinct.
     fn from(pairs: [(K, V); N]) -> Self {
@@ -201,7 +205,7 @@ where
 impl<K, V> FromIterator<(K, V)> for Metadata
 where
     K: Into<Cow<'static, str>>,
-    V: Into<String>,
+    V: Into<Arc<str>>,
 {
     fn from_iter<I: IntoIterator<Item = (K, V)>>(iter: I) -> Self {
         Self::from_vec(
@@ -257,13 +261,32 @@ impl<'de> Deserialize<'de> for Metadata {
             }
             fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Metadata, A::Error> {
                 let mut entries = Vec::with_capacity(map.size_hint().unwrap_or(0).min(64));
-                while let Some((k, v)) = map.next_entry::<String, String>()? {
+                while let Some((k, SharedStr(v))) = map.next_entry::<String, SharedStr>()? {
                     entries.push((Cow::Owned(k), v));
                 }
                 Ok(Metadata::from_vec(entries))
             }
         }
         deserializer.deserialize_map(MapVisitor)
+    }
+}
+
+/// A JSON string read straight into an `Arc<str>` (one allocation, no intermediate `String`).
+struct SharedStr(Arc<str>);
+
+impl<'de> Deserialize<'de> for SharedStr {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct StrVisitor;
+        impl Visitor<'_> for StrVisitor {
+            type Value = SharedStr;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<SharedStr, E> {
+                Ok(SharedStr(v.into()))
+            }
+        }
+        deserializer.deserialize_str(StrVisitor)
     }
 }
 
@@ -308,14 +331,17 @@ mod tests {
     fn merged_applies_changes_in_order() {
         let md = Metadata::from([("a", "1"), ("b", "2")]);
         let changed = md.merged([
-            ("c", Some("3".to_owned())),
+            ("c", Some("3")),
             ("a", None),
-            ("b", Some("4".to_owned())),
+            ("b", Some("4")),
             ("zz", None),
         ]);
         assert_eq!(changed.iter().collect::<Vec<_>>(), [("b", "4"), ("c", "3")]);
         assert_eq!(md.get("a"), Some("1"));
-        assert_eq!(md.merged([("a", None), ("b", None)]), Metadata::new());
+        assert_eq!(
+            md.merged([("a", None::<&str>), ("b", None)]),
+            Metadata::new()
+        );
     }
 
     #[test]

@@ -49,7 +49,7 @@ pub(crate) enum StoreError {
 }
 
 /// A metadata change: `None` removes the key (JSON `null` in a PATCH).
-pub(crate) type MetadataPatch = Vec<(Cow<'static, str>, Option<String>)>;
+pub(crate) type MetadataPatch = Vec<(Cow<'static, str>, Option<Arc<str>>)>;
 
 #[derive(Debug, Default)]
 struct Inner {

@@ -1344,7 +1344,10 @@ fn metadata_patch(body: &[u8]) -> Result<MetadataPatch, ApiError> {
         )),
         Some(value) => metadata_map(value)?
             .iter()
-            .map(|(key, value)| Ok((key.clone().into(), metadata_value(key, value)?)))
+            .map(|(key, value)| {
+                let value = metadata_value(key, value)?;
+                Ok((key.clone().into(), value.map(Into::into)))
+            })
             .collect(),
     }
 }
