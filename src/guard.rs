@@ -240,9 +240,10 @@ impl LeaseShared {
 /// process paused longer than the ttl may wake up after someone else took over, so pass the
 /// [`token`](Self::token) to whatever you protect.
 ///
-/// Dropping the guard starts the delete at once (on a tokio runtime, and unless a refresh is in
-/// flight) and leaves the rest to the client's background work: no task is spawned and nothing
-/// blocks in `Drop`; with the in-memory backend the lock is free when `drop` returns.
+/// Dropping the guard hands the release to the client's background work (no task is spawned
+/// and nothing blocks in `Drop`); with a backend that answers at once, such as the in-memory
+/// one, the release is done in `drop` itself (on a tokio runtime, no refresh in flight), so
+/// the lock is free when `drop` returns.
 /// [`release`](Self::release) sends the delete and waits for the outcome;
 /// [`Client::shutdown`](crate::Client::shutdown) waits for all pending releases.
 ///
@@ -373,7 +374,7 @@ impl LockGuard {
 impl Drop for LockGuard {
     fn drop(&mut self) {
         if let Some(driver) = self.driver.take() {
-            // No spawn, no blocking: the delete is polled once, then left to the driver.
+            // No spawn, no blocking: an in-process delete is done here, any other by the driver.
             lease::release_on_drop(&self.client, &self.held.shared, driver);
         }
     }

@@ -680,14 +680,19 @@ fn ended(inner: &Inner, shared: &Arc<LeaseShared>, result: &Result<bool, Error>)
     uncount(inner, shared)
 }
 
-/// A dropped [`LockGuard`](crate::LockGuard): its release starts here, in the dropping task,
-/// when no refresh is in flight and a runtime is at hand (the request's first poll needs its
-/// timers and I/O). A release that completes at once (an in-process backend) is done without
-/// waking the driver; one that waits for its reply goes on in the driver. Otherwise the
-/// driver does it all.
+/// A dropped [`LockGuard`](crate::LockGuard). With a backend that answers at once (in-process)
+/// and no refresh in flight, the release is done right here, in the dropping task: its future
+/// is ready on its first poll and needs no timer (a runtime's timers panic once it is shutting
+/// down, so a network backend's request is never polled in `drop`). Otherwise the driver
+/// releases the lease.
 pub(crate) fn release_on_drop(inner: &Arc<Inner>, shared: &Arc<LeaseShared>, driver: DriverHandle) {
     let id = shared.id();
-    if tokio::runtime::Handle::try_current().is_err() {
+    // The request's timeout is made on the current runtime (though never polled: the answer
+    // comes first); a throttled backend makes the release wait (a timer) before its delete.
+    if !inner.backend.answers_at_once()
+        || inner.recently_throttled()
+        || tokio::runtime::Handle::try_current().is_err()
+    {
         driver.release(id, None);
         return;
     }
@@ -704,7 +709,8 @@ pub(crate) fn release_on_drop(inner: &Arc<Inner>, shared: &Arc<LeaseShared>, dri
         let watched = ended(&inner, &shared, &result);
         (id, Outcome::GuardReleased { watched })
     });
-    // Polled once without a waker: the driver polls it again (with its own) if it waits.
+    // Polled once without a waker: should it wait after all (a backend that claims to answer
+    // at once and does not), the driver polls it again with its own.
     match op
         .as_mut()
         .poll(&mut Context::from_waker(std::task::Waker::noop()))

@@ -494,3 +494,21 @@ async fn a_guard_dropped_off_the_runtime_is_released_by_the_driver() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
+
+/// A backend that does not promise to answer at once (a network one, say) is never polled
+/// in `drop`: its timers and I/O may belong to a runtime that is shutting down. The driver
+/// sends the delete when it next runs.
+#[tokio::test(flavor = "current_thread")]
+async fn a_network_backend_is_not_polled_in_drop() {
+    let backend = MemoryBackend::new();
+    let client = dimutex::Client::new(Scripted {
+        inner: backend.clone(),
+        ..Scripted::default()
+    });
+    let guard = client.try_acquire("later").await.unwrap();
+    drop(guard);
+    assert_eq!(backend.object_count(), 1, "nothing ran in drop");
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    assert_eq!(backend.object_count(), 0, "the driver released it");
+    assert_eq!(client.active_leases(), 0);
+}

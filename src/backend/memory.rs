@@ -227,4 +227,9 @@ impl Backend for MemoryBackend {
             .map_err(|e| self.error(e));
         Box::pin(async move { out })
     }
+
+    /// Every request is done before its future is first polled.
+    fn answers_at_once(&self) -> bool {
+        true
+    }
 }

@@ -269,6 +269,19 @@ pub trait Backend: Send + Sync + fmt::Debug + 'static {
         name: &'a str,
         expected: Version,
     ) -> BoxFuture<'a, Result<Reply<()>, BackendError>>;
+
+    /// Whether every request's future is ready on its first poll, without touching the
+    /// runtime's timers or I/O (an in-process backend). A dropped guard of such a backend is
+    /// released right in `drop`; otherwise the client's lease driver sends the delete. The
+    /// default is `false`, which is always safe.
+    ///
+    /// ```
+    /// use dimutex::backend::{Backend, MemoryBackend};
+    /// assert!(MemoryBackend::new().answers_at_once());
+    /// ```
+    fn answers_at_once(&self) -> bool {
+        false
+    }
 }
 
 impl<B: Backend + ?Sized> Backend for std::sync::Arc<B> {
@@ -311,5 +324,9 @@ impl<B: Backend + ?Sized> Backend for std::sync::Arc<B> {
         expected: Version,
     ) -> BoxFuture<'a, Result<Reply<()>, BackendError>> {
         (**self).release(name, expected)
+    }
+
+    fn answers_at_once(&self) -> bool {
+        (**self).answers_at_once()
     }
 }
