@@ -359,7 +359,7 @@ impl Client {
         if !throttled {
             // Most acquisitions are this one create: only it lives in this future, and the
             // rest of the protocol (contention, ambiguity, takeover) in a boxed one.
-            let a = self.create(&name, &owner, contention).await;
+            let a = self.write(&name, &owner, contention, None).await;
             match a.result {
                 Ok(reply) => {
                     tracing::debug!(target: "dimutex", key_id = crate::key_id(&key), elapsed_ms = started.elapsed().as_millis() as u64, "acquired");
@@ -378,19 +378,28 @@ impl Client {
         Box::pin(rest).await
     }
 
-    /// One create of the lock object (a waiter does not retry a throttled write: it goes back
-    /// to reading).
-    fn create<'a>(
+    /// One write of a fresh lock object: a create, or a takeover of the object at `expired`
+    /// (a waiter does not retry a throttled write: it goes back to reading).
+    fn write<'a>(
         &'a self,
         name: &'a str,
         owner: &Arc<str>,
         contention: Contention,
+        expired: Option<crate::backend::Version>,
     ) -> impl Future<Output = Attempted<Reply<ObjectState>>> + 'a {
         let cfg = &self.inner.config;
         let md = object::lock_metadata(cfg.ttl, &cfg.ttl_text, owner, (cfg.clock)());
         let retry_429 = matches!(contention, Contention::Fail);
         let backend = &*self.inner.backend;
-        async move { self.call(|| backend.create(name, &md), retry_429).await }
+        async move {
+            match expired {
+                Some(v) => {
+                    self.call(|| backend.takeover(name, v, &md), retry_429)
+                        .await
+                }
+                None => self.call(|| backend.create(name, &md), retry_429).await,
+            }
+        }
     }
 
     /// The rest of an acquisition once its `first` create did not take the lock (or, for a
@@ -429,17 +438,9 @@ impl Client {
                     let a = match (step, first.take()) {
                         (Step::Create, Some(a)) => a,
                         (Step::Takeover(v), _) => {
-                            let md = object::lock_metadata(
-                                cfg.ttl,
-                                &cfg.ttl_text,
-                                &owner,
-                                (cfg.clock)(),
-                            );
-                            let retry_429 = matches!(contention, Contention::Fail);
-                            self.call(|| backend.takeover(&name, v, &md), retry_429)
-                                .await
+                            self.write(&name, &owner, contention, Some(v)).await
                         }
-                        _ => self.create(&name, &owner, contention).await,
+                        _ => self.write(&name, &owner, contention, None).await,
                     };
                     first_write.get_or_insert(a.first_sent);
                     match a.result {
