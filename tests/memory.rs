@@ -323,11 +323,28 @@ impl Backend for Scripted {
     }
 }
 
+/// Waits (at most 3 s) until `backend` holds no object and `client` no lease; how long that
+/// took.
+async fn until_released(backend: &MemoryBackend, client: &dimutex::Client) -> std::time::Duration {
+    use std::time::{Duration, Instant};
+    let started = Instant::now();
+    while backend.object_count() > 0 || client.active_leases() > 0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "not released: objects {}, leases {}",
+            backend.object_count(),
+            client.active_leases()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    started.elapsed()
+}
+
 /// A `release()` future dropped before its delete finished leaves the release to the client:
 /// the lock is freed all the same, and the lease is no longer counted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cancelled_release_is_finished_by_the_client() {
-    use std::time::{Duration, Instant};
+    use std::time::Duration;
     let backend = MemoryBackend::new();
     let client = dimutex::Client::new(Scripted {
         inner: backend.clone(),
@@ -338,16 +355,7 @@ async fn a_cancelled_release_is_finished_by_the_client() {
     let held = guard.held_lock();
     let cut = tokio::time::timeout(Duration::from_millis(50), guard.release()).await;
     assert!(cut.is_err(), "the release was cut short");
-    let started = Instant::now();
-    while backend.object_count() > 0 || client.active_leases() > 0 {
-        assert!(
-            started.elapsed() < Duration::from_secs(3),
-            "objects {}, leases {}",
-            backend.object_count(),
-            client.active_leases()
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    until_released(&backend, &client).await;
     assert!(!held.is_healthy());
     client
         .try_acquire("cancelled")
@@ -460,7 +468,7 @@ async fn a_dropped_guard_is_released_before_drop_returns() {
 /// A dropped guard whose delete waits for its reply: the lease driver finishes it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dropped_guard_with_a_slow_delete_is_finished_by_the_driver() {
-    use std::time::{Duration, Instant};
+    use std::time::Duration;
     let backend = MemoryBackend::new();
     let client = dimutex::Client::new(Scripted {
         inner: backend.clone(),
@@ -471,28 +479,18 @@ async fn a_dropped_guard_with_a_slow_delete_is_finished_by_the_driver() {
     drop(guard);
     assert_eq!(backend.object_count(), 1, "the delete is still on its way");
     assert_eq!(client.active_leases(), 1);
-    let started = Instant::now();
-    while backend.object_count() > 0 || client.active_leases() > 0 {
-        assert!(started.elapsed() < Duration::from_secs(3), "not released");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    assert!(started.elapsed() >= Duration::from_millis(150));
+    assert!(until_released(&backend, &client).await >= Duration::from_millis(150));
     client.shutdown(Duration::from_secs(1)).await.unwrap();
 }
 
 /// A guard dropped on a thread without a runtime: the driver does the whole release.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_guard_dropped_off_the_runtime_is_released_by_the_driver() {
-    use std::time::{Duration, Instant};
     let backend = MemoryBackend::new();
     let client = dimutex::Client::new(backend.clone());
     let guard = client.try_acquire("elsewhere").await.unwrap();
     std::thread::spawn(move || drop(guard)).join().unwrap();
-    let started = Instant::now();
-    while backend.object_count() > 0 || client.active_leases() > 0 {
-        assert!(started.elapsed() < Duration::from_secs(3), "not released");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    until_released(&backend, &client).await;
 }
 
 /// A backend that does not promise to answer at once (a network one, say) is never polled
