@@ -6,14 +6,13 @@
 //! ```text
 //! cargo build --release --example profile_layer
 //! target/release/examples/profile_layer layer 300      # or: bare 300
+//! target/release/examples/profile_layer layer 3000 multi  # on a multi-thread runtime
 //! valgrind --tool=callgrind target/release/examples/profile_layer layer 300
 //! ```
 //!
 //! With callgrind, instructions per request = the total / (64 × the count given), start-up
 //! included (a few hundred thousand instructions).
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use axum::Router;
@@ -24,32 +23,13 @@ use dimutex::layer::{FromPathParam, LockLayer};
 use http_body_util::BodyExt;
 use tower::ServiceExt;
 
-/// Counts allocations; the system allocator does the work.
-struct Counting;
-
-static ALLOCATIONS: AtomicU64 = AtomicU64::new(0);
-
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
-        // SAFETY: forwarded as received.
-        unsafe { System.alloc(layout) }
-    }
-
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        // SAFETY: forwarded as received.
-        unsafe { System.dealloc(ptr, layout) }
-    }
-
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
-        // SAFETY: forwarded as received.
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-}
+/// The bench's measuring tools: its per-thread counting allocator and `/proc` CPU clock.
+#[path = "bench/util.rs"]
+#[allow(dead_code)]
+mod util;
 
 #[global_allocator]
-static ALLOCATOR: Counting = Counting;
+static ALLOCATOR: util::CountingAlloc = util::CountingAlloc;
 
 const TASKS: u64 = 64;
 
@@ -74,17 +54,23 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             .into());
         }
     };
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
+    let runtime = match args.next().as_deref() {
+        None | Some("current") => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?,
+        Some("multi") => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?,
+        Some(other) => return Err(format!("runtime: current or multi; got {other:?}").into()),
+    };
     runtime.block_on(async move {
         let client = Client::new(MemoryBackend::new());
         let mut app = Router::new().route("/k/{key}", get(handler));
         if layered {
             app = app.route_layer(LockLayer::new(client.clone(), FromPathParam::new("key")));
         }
-        let (started, allocations) = (Instant::now(), ALLOCATIONS.load(Ordering::Relaxed));
-        let cpu = cpu_time();
+        let (started, allocations) = (Instant::now(), util::allocations());
+        let cpu = util::self_cpu();
         let mut tasks = tokio::task::JoinSet::new();
         for task in 0..TASKS {
             let app = app.clone();
@@ -113,22 +99,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         println!(
             "{variant}: {requests} requests, {:.2} us wall, {} CPU, {:.1} allocations per request",
             started.elapsed().as_secs_f64() * 1e6 / requests,
-            cpu.map_or("(no CPU clock)".to_owned(), |c0| format!(
-                "{:.2} us",
-                (cpu_time().unwrap_or(c0) - c0) * 1e6 / requests
-            )),
-            (ALLOCATIONS.load(Ordering::Relaxed) - allocations) as f64 / requests,
+            match (cpu, util::self_cpu()) {
+                (Ok(c0), Ok(c1)) => format!(
+                    "{:.2} us",
+                    util::us(util::cpu_between(&c0, &c1)) / requests
+                ),
+                _ => "(no CPU clock)".to_owned(),
+            },
+            (util::allocations() - allocations) as f64 / requests,
         );
         Ok::<_, Box<dyn std::error::Error>>(())
     })
-}
-
-/// This process's user + system CPU time in seconds (Linux: `/proc/self/stat`).
-fn cpu_time() -> Option<f64> {
-    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
-    // Fields after the command name (which is in parentheses): utime is the 12th, stime the 13th.
-    let rest = stat.rsplit_once(')')?.1;
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
-    Some(ticks / 100.0)
 }
