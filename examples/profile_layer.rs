@@ -100,10 +100,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "{variant}: {requests} requests, {:.2} us wall, {} CPU, {:.1} allocations per request",
             started.elapsed().as_secs_f64() * 1e6 / requests,
             match (cpu, util::self_cpu()) {
-                (Ok(c0), Ok(c1)) => format!(
-                    "{:.2} us",
-                    util::us(util::cpu_between(&c0, &c1)) / requests
-                ),
+                (Ok(c0), Ok(c1)) =>
+                    format!("{:.2} us", util::us(util::cpu_between(&c0, &c1)) / requests),
                 _ => "(no CPU clock)".to_owned(),
             },
             (util::allocations() - allocations) as f64 / requests,

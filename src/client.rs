@@ -10,6 +10,7 @@ use tokio::sync::{Notify, watch};
 
 use crate::backend::{Backend, BackendError, BoxFuture, ObjectState, Reply};
 use crate::backoff::{Backoff, RetryPolicy};
+use crate::deadline;
 use crate::error::{ConfigError, Error, ShutdownTimeout};
 use crate::guard::{LeaseShared, LockGuard};
 use crate::key::{self, KeyError, LockKey};
@@ -709,9 +710,9 @@ impl Inner {
         let mut delays = self.config.retry.backoff().delays();
         let mut ambiguous = false;
         loop {
-            let result = match tokio::time::timeout(self.config.request_timeout, op()).await {
-                Ok(result) => result,
-                Err(_) => Err(BackendError::Transient {
+            let result = match deadline::within(self.config.request_timeout, op()).await {
+                Some(result) => result,
+                None => Err(BackendError::Transient {
                     status: None,
                     retry_after: None,
                     message: format!("no reply within {:?}", self.config.request_timeout),

@@ -42,6 +42,7 @@
 pub mod backend;
 mod backoff;
 mod client;
+mod deadline;
 mod error;
 #[cfg(feature = "axum")]
 pub mod extract;
