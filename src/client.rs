@@ -3,7 +3,7 @@
 use std::fmt;
 use std::future::Future;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use tokio::sync::{Notify, watch};
@@ -56,10 +56,14 @@ pub(crate) struct Inner {
     next_lease_id: AtomicU64,
     /// Set once by [`Client::shutdown`].
     pub(crate) shutdown: watch::Sender<bool>,
+    /// `shutdown`'s value, read by every acquisition without the watch's lock (a write to a
+    /// cache line every replica thread shares).
+    shut: AtomicBool,
     /// The leases held here and the local queues of waiters.
     pub(crate) local: Local,
-    /// When the backend last answered 429.
-    pub(crate) throttled_at: std::sync::Mutex<Option<Instant>>,
+    /// When the backend last answered 429, in nanoseconds since the lease clock's origin
+    /// plus one; 0: never. Read by every release, written only on a 429.
+    throttled_at: AtomicU64,
 }
 
 #[derive(Clone)]
@@ -297,6 +301,7 @@ impl Client {
     /// # }
     /// ```
     pub async fn shutdown(&self, timeout: Duration) -> Result<(), ShutdownTimeout> {
+        self.inner.shut.store(true, Ordering::SeqCst);
         self.inner.shutdown.send_replace(true);
         let inner = &self.inner;
         let drained = lease::wait_until(&inner.drained, || inner.live.load(Ordering::Acquire) == 0);
@@ -321,7 +326,7 @@ impl Client {
         name: String,
         contention: Contention,
     ) -> Result<LockGuard, Error> {
-        if *self.inner.shutdown.borrow() {
+        if self.inner.shut.load(Ordering::SeqCst) {
             return Err(Error::ShutDown);
         }
         let cfg = &self.inner.config;
@@ -572,7 +577,7 @@ impl Client {
                                 }
                                 let delay = polls.next_delay().min(deadline - now);
                                 Box::pin(tokio::time::sleep(delay)).await;
-                                if *self.inner.shutdown.borrow() {
+                                if self.inner.shut.load(Ordering::SeqCst) {
                                     return Err(Error::ShutDown);
                                 }
                             }
@@ -636,10 +641,8 @@ impl Client {
             sent + cfg.ttl - cfg.margin(),
         ));
         inner.local.insert(shared.clone());
-        let lease = lease::Lease::new(inner.clone(), shared.clone(), owner);
-        let driver = inner.driver();
-        driver.hold(lease);
-        LockGuard::new(shared, inner.clone(), driver)
+        inner.hold(lease::Lease::new(inner.clone(), shared.clone(), owner));
+        LockGuard::new(shared, inner.clone())
     }
 
     /// [`Inner::call_with`] with the policy's deadline (its future itself: no wrapper).
@@ -657,18 +660,28 @@ impl Client {
 }
 
 impl Inner {
-    /// The lease driver, started on the current runtime if there is none (or its runtime
-    /// has stopped).
-    fn driver(&self) -> lease::DriverHandle {
+    /// Hands `lease` to the lease driver, started on the current runtime if there is none (or
+    /// its runtime has stopped).
+    fn hold(&self, lease: lease::Lease) {
         let mut driver = self.driver.lock().unwrap_or_else(|e| e.into_inner());
         match &*driver {
-            Some(handle) if !handle.is_closed() => handle.clone(),
+            Some(handle) if !handle.is_closed() => handle.hold(lease),
             _ => {
                 let handle = lease::spawn_driver(self.shutdown.subscribe());
-                *driver = Some(handle.clone());
-                handle
+                handle.hold(lease);
+                *driver = Some(handle);
             }
         }
+    }
+
+    /// The lease driver, for a guard's release that needs it; never starts one (a guard may
+    /// be dropped anywhere). Sending to a driver whose runtime stopped fails: the lease then
+    /// expires.
+    pub(crate) fn driver(&self) -> Option<lease::DriverHandle> {
+        self.driver
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     pub(crate) fn lease_opened(&self) {
@@ -762,15 +775,19 @@ impl Inner {
 
     /// Remembers that the backend enforces its per-object mutation limit.
     fn note_throttled(&self) {
-        *self.throttled_at.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
+        let at = lease::since_origin(Instant::now()).saturating_add(1);
+        self.throttled_at.store(at, Ordering::Relaxed);
     }
 
     /// Whether the backend answered 429 in the last minute.
     pub(crate) fn recently_throttled(&self) -> bool {
-        self.throttled_at
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .is_some_and(|at| at.elapsed() < THROTTLE_MEMORY)
+        match self.throttled_at.load(Ordering::Relaxed) {
+            0 => false,
+            at => {
+                let elapsed = lease::since_origin(Instant::now()).saturating_sub(at - 1);
+                elapsed < THROTTLE_MEMORY.as_nanos() as u64
+            }
+        }
     }
 
     pub(crate) fn failure(&self, e: BackendError) -> Error {
@@ -992,8 +1009,9 @@ impl ClientBuilder {
                 driver: std::sync::Mutex::new(None),
                 next_lease_id: AtomicU64::new(0),
                 shutdown: watch::Sender::new(false),
+                shut: AtomicBool::new(false),
                 local: Local::default(),
-                throttled_at: std::sync::Mutex::new(None),
+                throttled_at: AtomicU64::new(0),
             }),
         })
     }

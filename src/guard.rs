@@ -14,7 +14,7 @@ use crate::backend::Version;
 use crate::client::Inner;
 use crate::error::Error;
 use crate::key::LockKey;
-use crate::lease::{self, DriverHandle};
+use crate::lease;
 
 /// Where the lease driver sends the outcome of a release, if anyone waits for it.
 pub(crate) type ReleaseRequest = Option<oneshot::Sender<Result<bool, Error>>>;
@@ -263,16 +263,16 @@ impl LeaseShared {
 pub struct LockGuard {
     held: HeldLock,
     client: Arc<Inner>,
-    /// The lease driver, until the release is asked for.
-    driver: Option<DriverHandle>,
+    /// Until the release is asked for.
+    armed: bool,
 }
 
 impl LockGuard {
-    pub(crate) fn new(shared: Arc<LeaseShared>, client: Arc<Inner>, driver: DriverHandle) -> Self {
+    pub(crate) fn new(shared: Arc<LeaseShared>, client: Arc<Inner>) -> Self {
         Self {
             held: HeldLock { shared },
             client,
-            driver: Some(driver),
+            armed: true,
         }
     }
 
@@ -364,18 +364,16 @@ impl LockGuard {
     /// # Ok(()) }
     /// ```
     pub async fn release(mut self) -> Result<bool, Error> {
-        let Some(driver) = self.driver.take() else {
-            return Err(Error::ShutDown);
-        };
-        lease::release_from_guard(&self.client, &self.held.shared, driver).await
+        self.armed = false;
+        lease::release_from_guard(&self.client, &self.held.shared).await
     }
 }
 
 impl Drop for LockGuard {
     fn drop(&mut self) {
-        if let Some(driver) = self.driver.take() {
+        if self.armed {
             // No spawn, no blocking: an in-process delete is done here, any other by the driver.
-            lease::release_on_drop(&self.client, &self.held.shared, driver);
+            lease::release_on_drop(&self.client, &self.held.shared);
         }
     }
 }

@@ -144,7 +144,7 @@ fn origin() -> Instant {
 }
 
 /// `t` in nanoseconds since [`origin`] (0 before it).
-fn since_origin(t: Instant) -> u64 {
+pub(crate) fn since_origin(t: Instant) -> u64 {
     t.saturating_duration_since(origin()).as_nanos() as u64
 }
 
@@ -685,26 +685,30 @@ fn ended(inner: &Inner, shared: &Arc<LeaseShared>, result: &Result<bool, Error>)
 /// is ready on its first poll and needs no timer (a runtime's timers panic once it is shutting
 /// down, so a network backend's request is never polled in `drop`). Otherwise the driver
 /// releases the lease.
-pub(crate) fn release_on_drop(inner: &Arc<Inner>, shared: &Arc<LeaseShared>, driver: DriverHandle) {
+pub(crate) fn release_on_drop(inner: &Arc<Inner>, shared: &Arc<LeaseShared>) {
     let id = shared.id();
-    // The request's timeout is made on the current runtime (though never polled: the answer
-    // comes first); a throttled backend makes the release wait (a timer) before its delete.
-    if !inner.backend.answers_at_once()
-        || inner.recently_throttled()
-        || tokio::runtime::Handle::try_current().is_err()
-    {
-        driver.release(id, None);
+    let to_driver = |command: Command| {
+        // Refused only if the driver is gone (its runtime stopped): the lease then expires.
+        if let Some(driver) = inner.driver() {
+            let _ = driver.send(command);
+        }
+    };
+    // Timers need a runtime: a throttled backend makes the release wait before its delete,
+    // and a backend that claims to answer at once and does not has its request timed.
+    if !inner.backend.answers_at_once() || inner.recently_throttled() || !on_runtime() {
+        to_driver(Command::Release { id, reply: None });
         return;
     }
     let state = match shared.claim_release() {
         Claim::Claimed(state) => state,
         Claim::Refreshing | Claim::Releasing => {
-            driver.release(id, None);
+            to_driver(Command::Release { id, reply: None });
             return;
         }
     };
-    let (inner, shared) = (inner.clone(), shared.clone());
+    let (owned_inner, owned_shared) = (inner.clone(), shared.clone());
     let mut op: Op = Box::pin(async move {
+        let (inner, shared) = (owned_inner, owned_shared);
         let result = release(&inner, &shared, state).await;
         let watched = ended(&inner, &shared, &result);
         (id, Outcome::GuardReleased { watched })
@@ -715,13 +719,21 @@ pub(crate) fn release_on_drop(inner: &Arc<Inner>, shared: &Arc<LeaseShared>, dri
         .as_mut()
         .poll(&mut Context::from_waker(std::task::Waker::noop()))
     {
-        Poll::Ready((_, Outcome::GuardReleased { watched: true })) => driver.released(id),
-        Poll::Ready(_) => {}
-        // Refused only if the driver is gone (its runtime stopped): the lease then expires.
-        Poll::Pending => {
-            let _ = driver.send(Command::Continue(op));
+        Poll::Ready((_, Outcome::GuardReleased { watched: true })) => {
+            if let Some(driver) = inner.driver() {
+                driver.released(id);
+            }
         }
+        Poll::Ready(_) => {}
+        Poll::Pending => to_driver(Command::Continue(op)),
     }
+}
+
+/// Whether this thread is in a runtime's context. Inside a task it is, and asking costs a
+/// thread-local read; `Handle::try_current` costs an increment and a decrement of the
+/// runtime's reference count, a cache line every worker thread writes.
+fn on_runtime() -> bool {
+    tokio::task::try_id().is_some() || tokio::runtime::Handle::try_current().is_ok()
 }
 
 /// [`LockGuard::release`](crate::LockGuard::release): from the caller's task when no refresh
@@ -729,7 +741,6 @@ pub(crate) fn release_on_drop(inner: &Arc<Inner>, shared: &Arc<LeaseShared>, dri
 pub(crate) async fn release_from_guard(
     inner: &Arc<Inner>,
     shared: &Arc<LeaseShared>,
-    driver: DriverHandle,
 ) -> Result<bool, Error> {
     let state = match shared.claim_release() {
         Claim::Claimed(state) => state,
@@ -737,7 +748,10 @@ pub(crate) async fn release_from_guard(
             // A refresh in flight (the driver releases after it), or the client's shutdown
             // releasing it already: the driver answers.
             let (tx, rx) = tokio::sync::oneshot::channel();
-            if !driver.release(shared.id(), Some(tx)) {
+            let sent = inner
+                .driver()
+                .is_some_and(|driver| driver.release(shared.id(), Some(tx)));
+            if !sent {
                 // The driver is gone: its runtime stopped.
                 return Err(Error::ShutDown);
             }
@@ -747,13 +761,15 @@ pub(crate) async fn release_from_guard(
     };
     // Should this future be dropped half-way, the driver takes the release over.
     let mut handover = Handover {
+        inner,
         shared,
-        driver: Some(driver),
+        armed: true,
     };
     let result = release(inner, shared, state).await;
+    handover.armed = false;
     let watched = ended(inner, shared, &result);
-    if let Some(driver) = handover.driver.take() {
-        if watched {
+    if watched {
+        if let Some(driver) = inner.driver() {
             driver.released(shared.id());
         }
     }
@@ -762,15 +778,18 @@ pub(crate) async fn release_from_guard(
 
 /// Gives a release begun by a guard back to the driver if it is dropped before the end.
 struct Handover<'a> {
+    inner: &'a Inner,
     shared: &'a LeaseShared,
-    driver: Option<DriverHandle>,
+    armed: bool,
 }
 
 impl Drop for Handover<'_> {
     fn drop(&mut self) {
-        if let Some(driver) = self.driver.take() {
+        if self.armed {
             self.shared.state().releasing = false;
-            driver.release(self.shared.id(), None);
+            if let Some(driver) = self.inner.driver() {
+                driver.release(self.shared.id(), None);
+            }
         }
     }
 }
