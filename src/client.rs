@@ -316,10 +316,17 @@ impl Client {
 
     async fn acquire_with(&self, key: LockKey, contention: Contention) -> Result<LockGuard, Error> {
         let name = key::object_name(&self.inner.config.prefix, &key)?;
+        if let (Contention::Fail, Some(remaining)) = (contention, self.held_here_for(&name)) {
+            return Err(Error::Held {
+                remaining: Some(remaining),
+            });
+        }
         self.acquire_named(key, name, contention).await
     }
 
-    /// An acquisition of `key`, whose object name `name` is known.
+    /// An acquisition of `key`, whose object name `name` is known. A caller that fails fast
+    /// has looked for a local holder already ([`held_here_for`](Self::held_here_for)): this
+    /// looks again only for waiters.
     pub(crate) async fn acquire_named(
         &self,
         key: LockKey,
@@ -342,20 +349,12 @@ impl Client {
             },
         };
         // Held by a healthy lease of ours: certainly held, no request needed.
-        while let Some(lease) = local.healthy_holder(&name) {
-            match contention {
-                Contention::Fail => {
-                    return Err(Error::Held {
-                        remaining: Some(local::remaining(&lease, cfg.margin())),
-                    });
-                }
-                Contention::WaitUntil(deadline) => {
-                    Box::pin(self.wait_for_local(&lease, deadline)).await?
-                }
+        if let Contention::WaitUntil(deadline) = contention {
+            while let Some(lease) = local.healthy_holder(&name) {
+                Box::pin(self.wait_for_local(&lease, deadline)).await?
             }
         }
         let owner = new_owner(&cfg.identity);
-        let started = Instant::now();
         // A waiter on a throttled backend: the lock may have been released (deleted) a moment
         // ago, and a create now would be refused. It reads first, and creates after the
         // absence window.
@@ -368,7 +367,7 @@ impl Client {
             let a = self.write(&name, &owner, contention, None).await;
             match a.result {
                 Ok(reply) => {
-                    tracing::debug!(target: "dimutex", key_id = crate::key_id(&key), elapsed_ms = started.elapsed().as_millis() as u64, "acquired");
+                    tracing::debug!(target: "dimutex", key_id = crate::key_id(&key), elapsed_ms = a.first_sent.elapsed().as_millis() as u64, "acquired");
                     return Ok(self.hold(key, name, owner, reply.into_value(), a.first_sent));
                 }
                 Err(e) => {
@@ -380,6 +379,8 @@ impl Client {
                 }
             }
         }
+        // The acquisition began when its first write was sent (no clock read before it).
+        let started = first.as_ref().map_or_else(Instant::now, |a| a.first_sent);
         let rest = self.contended(key, name, owner, contention, started, throttled, first);
         Box::pin(rest).await
     }

@@ -262,17 +262,15 @@ impl LeaseShared {
 #[must_use = "dropping the guard releases the lock at once"]
 pub struct LockGuard {
     held: HeldLock,
-    client: Arc<Inner>,
-    /// Until the release is asked for.
-    armed: bool,
+    /// Until the release is asked for (then it moves into the release).
+    client: Option<Arc<Inner>>,
 }
 
 impl LockGuard {
     pub(crate) fn new(shared: Arc<LeaseShared>, client: Arc<Inner>) -> Self {
         Self {
             held: HeldLock { shared },
-            client,
-            armed: true,
+            client: Some(client),
         }
     }
 
@@ -364,16 +362,18 @@ impl LockGuard {
     /// # Ok(()) }
     /// ```
     pub async fn release(mut self) -> Result<bool, Error> {
-        self.armed = false;
-        lease::release_from_guard(&self.client, &self.held.shared).await
+        let Some(client) = self.client.take() else {
+            return Err(Error::ShutDown);
+        };
+        lease::release_from_guard(&client, &self.held.shared).await
     }
 }
 
 impl Drop for LockGuard {
     fn drop(&mut self) {
-        if self.armed {
+        if let Some(client) = self.client.take() {
             // No spawn, no blocking: an in-process delete is done here, any other by the driver.
-            lease::release_on_drop(&self.client, &self.held.shared);
+            lease::release_on_drop(client, &self.held.shared);
         }
     }
 }

@@ -39,8 +39,6 @@ enum Command {
     Adopt,
     /// Release the lease `id`, answering on `reply` if someone waits for the outcome.
     Release { id: u64, reply: ReleaseRequest },
-    /// Finish a release its dropped guard began (polled once already).
-    Continue(Op),
 }
 
 /// A freshly acquired lease, as handed to the driver. It counts among the client's live
@@ -109,11 +107,6 @@ enum Refresh {
 enum Outcome {
     Refreshed(Refresh),
     Released(Result<bool, Error>),
-    /// A release begun by a dropped guard is done (and its end recorded): only the driver's
-    /// entry is left, if it has one (`watched`).
-    GuardReleased {
-        watched: bool,
-    },
 }
 
 type Op = Pin<Box<dyn Future<Output = (u64, Outcome)> + Send>>;
@@ -410,7 +403,6 @@ impl Driver {
         match command {
             // The loop empties the inbox at every turn.
             Command::Adopt => {}
-            Command::Continue(op) => self.ops.push(op),
             Command::Release { id, reply } => {
                 if !self.leases.contains_key(&id) {
                     // Left in the inbox after this turn emptied it.
@@ -577,15 +569,6 @@ impl Driver {
 
     fn finish(&mut self, id: u64, outcome: Outcome) {
         match outcome {
-            Outcome::GuardReleased { .. } => {
-                if !self.leases.contains_key(&id) {
-                    // Still in the inbox.
-                    self.adopt();
-                }
-                if let Some(at) = self.leases.remove(&id).and_then(|entry| entry.wake) {
-                    self.timers.remove(&(at, id));
-                }
-            }
             Outcome::Refreshed(refresh) => self.refreshed(id, refresh),
             Outcome::Released(result) => {
                 let Some(entry) = self.leases.remove(&id) else {
@@ -685,7 +668,7 @@ fn ended(inner: &Inner, shared: &Arc<LeaseShared>, result: &Result<bool, Error>)
 /// is ready on its first poll and needs no timer (a runtime's timers panic once it is shutting
 /// down, so a network backend's request is never polled in `drop`). Otherwise the driver
 /// releases the lease.
-pub(crate) fn release_on_drop(inner: &Arc<Inner>, shared: &Arc<LeaseShared>) {
+pub(crate) fn release_on_drop(inner: Arc<Inner>, shared: &Arc<LeaseShared>) {
     let id = shared.id();
     let to_driver = |command: Command| {
         // Refused only if the driver is gone (its runtime stopped): the lease then expires.
@@ -706,26 +689,32 @@ pub(crate) fn release_on_drop(inner: &Arc<Inner>, shared: &Arc<LeaseShared>) {
             return;
         }
     };
-    let (owned_inner, owned_shared) = (inner.clone(), shared.clone());
-    let mut op: Op = Box::pin(async move {
-        let (inner, shared) = (owned_inner, owned_shared);
-        let result = release(&inner, &shared, state).await;
-        let watched = ended(&inner, &shared, &result);
-        (id, Outcome::GuardReleased { watched })
-    });
-    // Polled once without a waker: should it wait after all (a backend that claims to answer
-    // at once and does not), the driver polls it again with its own.
-    match op
-        .as_mut()
-        .poll(&mut Context::from_waker(std::task::Waker::noop()))
-    {
-        Poll::Ready((_, Outcome::GuardReleased { watched: true })) => {
-            if let Some(driver) = inner.driver() {
-                driver.released(id);
+    // Polled once, in place, without a waker: no box, no counted references. Should it wait
+    // after all (a backend that claims to answer at once and does not), it is dropped half-way
+    // and the driver releases the lease, as when a guard's `release` future is dropped.
+    let done = {
+        let mut release = std::pin::pin!(release(&inner, shared, state));
+        match release
+            .as_mut()
+            .poll(&mut Context::from_waker(std::task::Waker::noop()))
+        {
+            Poll::Ready(result) => Some(result),
+            // Dropped here, half-way.
+            Poll::Pending => None,
+        }
+    };
+    match done {
+        Some(result) => {
+            if ended(&inner, shared, &result) {
+                if let Some(driver) = inner.driver() {
+                    driver.released(id);
+                }
             }
         }
-        Poll::Ready(_) => {}
-        Poll::Pending => to_driver(Command::Continue(op)),
+        None => {
+            shared.state().releasing = false;
+            to_driver(Command::Release { id, reply: None });
+        }
     }
 }
 

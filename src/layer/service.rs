@@ -104,10 +104,13 @@ where
         }
         let key_id = crate::key_id(&key);
         let acquire = Box::pin(async move {
-            let started = Instant::now();
-            let contention = match wait {
-                None => Contention::Fail,
-                Some(wait) => Contention::WaitUntil(started + wait),
+            // The clock is read for a deadline or a debug line only.
+            let started = (wait.is_some()
+                || tracing::enabled!(target: "dimutex::layer", tracing::Level::DEBUG))
+            .then(Instant::now);
+            let contention = match (wait, started) {
+                (Some(wait), Some(started)) => Contention::WaitUntil(started + wait),
+                _ => Contention::Fail,
             };
             let result = match name {
                 Ok(name) => client.acquire_named(key, name, contention).await,
@@ -122,7 +125,7 @@ where
                 target: "dimutex::layer",
                 key_id,
                 outcome,
-                elapsed_us = started.elapsed().as_micros() as u64,
+                elapsed_us = started.map_or(0, |t| t.elapsed().as_micros() as u64),
                 "lock for request"
             );
             if let Err(e) = &result {
