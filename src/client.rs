@@ -637,12 +637,13 @@ impl Client {
             id,
             key,
             name,
+            owner,
             state.version(),
             sent,
             sent + cfg.ttl - cfg.margin(),
         ));
         inner.local.insert(shared.clone());
-        inner.hold(lease::Lease::new(inner.clone(), shared.clone(), owner));
+        inner.hold(lease::Lease::new(inner.clone(), shared.clone()));
         LockGuard::new(shared, inner.clone())
     }
 

@@ -99,6 +99,8 @@ pub(crate) struct LeaseShared {
     key: LockKey,
     /// The lock object's name.
     name: String,
+    /// This acquisition's owner id, as written in the object's metadata.
+    owner: Arc<str>,
     token: FencingToken,
     /// Lost, or ended.
     lost: AtomicBool,
@@ -141,6 +143,7 @@ impl LeaseShared {
         id: u64,
         key: LockKey,
         name: String,
+        owner: Arc<str>,
         version: Version,
         sent: Instant,
         deadline: Instant,
@@ -149,6 +152,7 @@ impl LeaseShared {
             id,
             key,
             name,
+            owner,
             token: FencingToken(version.generation()),
             lost: AtomicBool::new(false),
             stage: AtomicU8::new(0),
@@ -195,6 +199,10 @@ impl LeaseShared {
 
     pub(crate) fn name(&self) -> &str {
         &self.name
+    }
+
+    pub(crate) fn owner(&self) -> &str {
+        &self.owner
     }
 
     pub(crate) fn is_lost(&self) -> bool {
@@ -503,7 +511,15 @@ mod tests {
     fn lease() -> LeaseShared {
         let now = Instant::now();
         let key = LockKey::new("k").unwrap();
-        LeaseShared::new(1, key, "dimutex/k".into(), Version::new(1, 1), now, now)
+        LeaseShared::new(
+            1,
+            key,
+            "dimutex/k".into(),
+            "test#1".into(),
+            Version::new(1, 1),
+            now,
+            now,
+        )
     }
 
     #[test]

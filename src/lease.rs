@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use tokio::sync::{Notify, mpsc, watch};
 
-use crate::backend::{BackendError, Version};
+use crate::backend::{BackendError, Reply, Version};
 use crate::client::{Inner, MUTATION_WINDOW};
 use crate::error::Error;
 use crate::guard::{Claim, LeaseShared, LeaseState, ReleaseRequest};
@@ -46,17 +46,12 @@ enum Command {
 pub(crate) struct Lease {
     client: Arc<Inner>,
     shared: Arc<LeaseShared>,
-    owner: Arc<str>,
 }
 
 impl Lease {
-    pub(crate) fn new(client: Arc<Inner>, shared: Arc<LeaseShared>, owner: Arc<str>) -> Self {
+    pub(crate) fn new(client: Arc<Inner>, shared: Arc<LeaseShared>) -> Self {
         client.lease_opened();
-        Self {
-            client,
-            shared,
-            owner,
-        }
+        Self { client, shared }
     }
 }
 
@@ -521,9 +516,8 @@ impl Driver {
                 (state.version, state.deadline)
             };
             let inner = entry.lease.client.clone();
-            let owner = entry.lease.owner.clone();
             self.starting.push(Box::pin(async move {
-                let r = refresh(&inner, shared.name(), &owner, version, deadline).await;
+                let r = refresh(&inner, shared.name(), shared.owner(), version, deadline).await;
                 (id, Outcome::Refreshed(r))
             }));
         }
@@ -810,30 +804,46 @@ async fn refresh(
             version: reply.value().version(),
             sent: a.first_sent,
         },
-        Err(BackendError::PreconditionFailed | BackendError::NotFound) if a.ambiguous => {
-            // Perhaps an earlier attempt of ours landed and this 412 is about our own write.
+        Err(BackendError::PreconditionFailed) => {
+            // Changed: by someone else, or by a write of ours whose outcome we never learned
+            // (an attempt of this refresh, or an earlier refresh that gave up) — then it is
+            // still our lease, at a metageneration we do not know.
             let check = inner.call(|| backend.inspect(name), Some(deadline));
             let Ok(c) = tokio::time::timeout_at(deadline.into(), check).await else {
                 return Refresh::Expired;
             };
-            match c.result {
+            let state = match c.result {
                 Ok(reply) => match reply.into_value() {
-                    Some(state)
-                        if state.version().generation() == version.generation()
-                            && object::owner_of(&state) == Some(owner)
-                            && state.metadata().get(object::EXPIRES) == md.get(object::EXPIRES) =>
-                    {
-                        Refresh::Done {
-                            version: state.version(),
-                            sent: a.first_sent,
-                        }
-                    }
-                    _ => Refresh::Gone,
+                    Some(state) if object::is_lease(&state, version, owner) => state,
+                    _ => return Refresh::Gone,
                 },
+                Err(_) => return Refresh::failed_before(deadline),
+            };
+            if a.ambiguous && state.metadata().get(object::EXPIRES) == md.get(object::EXPIRES) {
+                // This refresh landed.
+                return Refresh::Done {
+                    version: state.version(),
+                    sent: a.first_sent,
+                };
+            }
+            // An earlier write of ours landed: refresh again, from the version we now know.
+            let again = inner.call(
+                || backend.refresh(name, state.version(), &md),
+                Some(deadline),
+            );
+            let Ok(b) = tokio::time::timeout_at(deadline.into(), again).await else {
+                return Refresh::Expired;
+            };
+            match b.result {
+                Ok(reply) => Refresh::Done {
+                    version: reply.value().version(),
+                    sent: b.first_sent,
+                },
+                // Changed again, or its outcome unknown: the next refresh looks again.
                 Err(_) => Refresh::failed_before(deadline),
             }
         }
-        Err(BackendError::PreconditionFailed | BackendError::NotFound) => Refresh::Gone,
+        Err(BackendError::NotFound) => Refresh::Gone,
         Err(_) => Refresh::failed_before(deadline),
     }
 }
@@ -872,21 +882,48 @@ async fn release(inner: &Inner, shared: &LeaseShared, state: LeaseState) -> Resu
     // Keep trying while the lease is ours (a delete right after the create meets GCS's
     // one-mutation-per-second limit); after that, expiry frees the lock anyway.
     let give_up = (Instant::now() + inner.config.retry.max_elapsed()).max(shared.deadline());
-    let a = inner
-        .call(|| backend.release(name, version), Some(give_up))
-        .await;
-    // Changed or gone, after an attempt of ours that may have landed. Nobody else can take
-    // the lock over before the server judges it expired: `updated` + ttl + 1 s < `Date`, and
-    // `updated` is no earlier than `sent` (our last write cannot land before we sent it). An
-    // answer received before `sent` + ttl therefore describes a server on which no takeover
-    // could have happened yet (the rule's extra second is left as a cushion for clocks): the
-    // change was our own delete (404), or a create after it (412).
-    let ours = a.ambiguous && Instant::now() < sent + inner.config.ttl;
-    match a.result {
-        Ok(_) => Ok(true),
-        Err(BackendError::NotFound | BackendError::PreconditionFailed) => Ok(ours),
-        Err(e) => Err(inner.failure(e)),
+    let mut version = version;
+    let mut ambiguous = false;
+    for _ in 0..RELEASE_REREADS {
+        let a = inner
+            .call(|| backend.release(name, version), Some(give_up))
+            .await;
+        ambiguous |= a.ambiguous;
+        match a.result {
+            Ok(_) => return Ok(true),
+            Err(BackendError::PreconditionFailed) => {}
+            Err(BackendError::NotFound) => return Ok(deleted_by_us(inner, ambiguous, sent)),
+            Err(e) => return Err(inner.failure(e)),
+        }
+        // Changed: by a create after a delete of ours that landed, by someone else after the
+        // lease expired, or by a metadata write of ours whose outcome we never learned (a
+        // refresh that gave up): then it is still our lease, at a metageneration we did not
+        // know, and the delete is sent again conditional on it.
+        let c = inner.call(|| backend.inspect(name), Some(give_up)).await;
+        match c.result.map(Reply::into_value) {
+            Ok(Some(state)) if object::is_lease(&state, version, shared.owner()) => {
+                version = state.version();
+            }
+            Ok(_) => return Ok(deleted_by_us(inner, ambiguous, sent)),
+            Err(e) => return Err(inner.failure(e)),
+        }
     }
+    // Still ours, and changed again at every try: expiry frees it.
+    Ok(false)
+}
+
+/// How many times a release reads the object after a 412 and deletes again.
+const RELEASE_REREADS: usize = 3;
+
+/// Whether a delete of ours removed the object, when it is now gone (404) or not our lease
+/// (412 and another generation or owner), after attempts of which one may have landed.
+/// Nobody else can take the lock over before the server judges it expired (`updated` + ttl
+/// plus a second before `Date`), and `updated` is no earlier than `sent` (our last write
+/// cannot land before we sent it). An answer received before `sent` + ttl therefore describes a server on which no
+/// takeover could have happened yet (the rule's extra second is left as a cushion for
+/// clocks): the change was our own delete (404), or a create after it (412).
+fn deleted_by_us(inner: &Inner, ambiguous: bool, sent: Instant) -> bool {
+    ambiguous && Instant::now() < sent + inner.config.ttl
 }
 
 #[cfg(test)]

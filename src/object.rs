@@ -19,7 +19,7 @@ use time::OffsetDateTime;
 use time::format_description::BorrowedFormatItem;
 use time::macros::format_description;
 
-use crate::backend::{Metadata, ObjectState};
+use crate::backend::{Metadata, ObjectState, Version};
 
 pub(crate) const TTL: &str = "ttl";
 pub(crate) const OWNER: &str = "owner";
@@ -114,6 +114,14 @@ pub(crate) fn refresh_metadata(ttl: Duration, wall_now: SystemTime) -> Metadata 
 /// The owner recorded in a lock object, if any.
 pub(crate) fn owner_of(state: &ObjectState) -> Option<&str> {
     state.metadata().get(OWNER)
+}
+
+/// Whether `state` is the lock object of the lease written at `version` by `owner`: the same
+/// generation (a takeover or a new create makes a new one) and the same owner id (unique per
+/// acquisition). Its metageneration may be newer: a metadata write of that lease whose outcome
+/// its client never learned.
+pub(crate) fn is_lease(state: &ObjectState, version: Version, owner: &str) -> bool {
+    state.version().generation() == version.generation() && owner_of(state) == Some(owner)
 }
 
 /// The verdict on an existing lock object.

@@ -178,6 +178,68 @@ async fn ambiguous_refresh_does_not_lose_the_lease() {
     assert_eq!(fake.object_count(FakeGcs::DEFAULT_BUCKET), 0);
 }
 
+/// A lease whose last refresh may have landed (its first attempt committed, the reply was a
+/// 503; the retry was refused with a 403, so the client never learned the new
+/// metageneration): the version the client holds is stale, and the server's object is still
+/// its lease.
+async fn lease_with_a_refresh_of_unknown_outcome(
+    fake: &FakeGcs,
+    key: &str,
+) -> (Client, dimutex::LockGuard) {
+    let client = Client::builder(gcs(fake).await)
+        .ttl(Duration::from_secs(3))
+        .refresh_interval(Duration::from_secs(1))
+        .retry(scenarios::quick_retry())
+        .build()
+        .unwrap();
+    let guard = client.try_acquire(key).await.unwrap();
+    fake.inject(FaultRule::new(Fault::CommitThen(503)).with_method(Method::PATCH));
+    fake.inject(FaultRule::new(Fault::FailBefore(403)).with_method(Method::PATCH));
+    let started = Instant::now();
+    while fake.faults_injected() < 2 {
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "the refresh faults did not fire"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // The refresh's end reaches the driver.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    (client, guard)
+}
+
+#[tokio::test]
+async fn a_release_after_a_refresh_of_unknown_outcome_deletes_the_lock() {
+    let fake = fake().await;
+    let (_client, guard) =
+        lease_with_a_refresh_of_unknown_outcome(&fake, "unknown-then-release").await;
+    assert!(
+        guard.release().await.unwrap(),
+        "the object is still our lease (our generation, our owner): the release deletes it"
+    );
+    assert_eq!(
+        fake.object_count(FakeGcs::DEFAULT_BUCKET),
+        0,
+        "no lock object is left to expire"
+    );
+}
+
+#[tokio::test]
+async fn a_refresh_after_one_of_unknown_outcome_keeps_the_lease() {
+    let fake = fake().await;
+    let (_client, guard) =
+        lease_with_a_refresh_of_unknown_outcome(&fake, "unknown-then-refresh").await;
+    // The next refresh (a second after the failed one) meets the new metageneration.
+    let lost = guard.lost();
+    tokio::select! {
+        _ = lost => panic!("a lease whose own refresh landed is not lost"),
+        _ = tokio::time::sleep(Duration::from_millis(2500)) => {}
+    }
+    assert!(guard.is_healthy());
+    assert!(guard.release().await.unwrap());
+    assert_eq!(fake.object_count(FakeGcs::DEFAULT_BUCKET), 0);
+}
+
 #[tokio::test]
 async fn ambiguous_release_still_releases() {
     let fake = fake().await;

@@ -490,13 +490,19 @@ fn t3_assert(rate: f64, f: &T3Figures) {
     }
     // At 20 % some of the faults are 429s: the clients then wait out GCS's mutation window
     // (1-2 s) before creates and deletes, as they must on a throttled object, so fewer cycles
-    // fit in the run.
-    let enough = if rate >= 0.2 { 25 } else { 100 };
+    // fit in the run. These are liveness floors, not targets: over 14 runs on a 2-core VM the
+    // 20 % run made 23-47 acquisitions and 3-6 long holds (a long holder fits two or three
+    // 3.5 s holds in the run; a 429 before its create or delete costs it a second or two).
+    let (enough, enough_long) = if rate >= 0.2 { (20, 2) } else { (100, 4) };
     assert!(r.acquisitions >= enough, "{label}: too few acquisitions");
     assert!(r.faults_injected > 0, "{label}: no fault was injected");
     assert!(
-        f.long_holds >= 4,
+        f.long_holds >= enough_long,
         "{label}: too few locks held across refreshes"
+    );
+    assert!(
+        r.refreshes > 0,
+        "{label}: no refresh landed during the long holds"
     );
     assert!(
         r.refreshes >= 2 * f.long_holds,
