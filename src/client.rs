@@ -53,7 +53,6 @@ pub(crate) struct Inner {
     /// The lease driver of this client (started on the first acquisition, and again if the
     /// runtime it ran on has stopped).
     driver: std::sync::Mutex<Option<lease::DriverHandle>>,
-    next_lease_id: AtomicU64,
     /// Set once by [`Client::shutdown`].
     pub(crate) shutdown: watch::Sender<bool>,
     /// `shutdown`'s value, read by every acquisition without the watch's lock (a write to a
@@ -632,7 +631,7 @@ impl Client {
     ) -> LockGuard {
         let inner = &self.inner;
         let cfg = &inner.config;
-        let id = inner.next_lease_id.fetch_add(1, Ordering::Relaxed);
+        let id = lease::next_id();
         let shared = Arc::new(LeaseShared::new(
             id,
             key,
@@ -1009,7 +1008,6 @@ impl ClientBuilder {
                 live: AtomicUsize::new(0),
                 drained: Notify::new(),
                 driver: std::sync::Mutex::new(None),
-                next_lease_id: AtomicU64::new(0),
                 shutdown: watch::Sender::new(false),
                 shut: AtomicBool::new(false),
                 local: Local::default(),

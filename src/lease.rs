@@ -15,6 +15,7 @@
 //! instead, unless a refresh is in flight, and tells the driver to forget the lease through
 //! the inbox; if that release is cancelled half-way, the driver takes it over.
 
+use std::cell::Cell;
 use std::collections::{BTreeSet, HashMap};
 use std::future::Future;
 use std::hash::{BuildHasherDefault, Hasher};
@@ -59,6 +60,30 @@ impl Drop for Lease {
     fn drop(&mut self) {
         let _ = uncount(&self.client, &self.shared);
     }
+}
+
+/// A lease id, unique in this process. Threads take ids from the shared counter in blocks, so
+/// acquisitions on different threads do not write one cache line.
+pub(crate) fn next_id() -> u64 {
+    const BLOCK: u64 = 1024;
+    static NEXT_BLOCK: AtomicU64 = AtomicU64::new(0);
+    thread_local! {
+        /// The next id of this thread's block, and the block's end.
+        static IDS: Cell<(u64, u64)> = const { Cell::new((0, 0)) };
+    }
+    IDS.try_with(|ids| {
+        let (next, end) = ids.get();
+        if next < end {
+            ids.set((next + 1, end));
+            next
+        } else {
+            let start = NEXT_BLOCK.fetch_add(BLOCK, Ordering::Relaxed);
+            ids.set((start + 1, start + BLOCK));
+            start
+        }
+    })
+    // A thread being torn down: an id of its own.
+    .unwrap_or_else(|_| NEXT_BLOCK.fetch_add(BLOCK, Ordering::Relaxed))
 }
 
 /// Takes the lease off the client's count of live leases, once; whether the driver must be

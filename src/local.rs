@@ -18,10 +18,22 @@ type Hash = foldhash::fast::RandomState;
 
 #[derive(Default)]
 pub(crate) struct Local {
-    /// The leases, found by their object names (no copy of the name needed).
-    held: Mutex<HashSet<ByName, Hash>>,
+    /// The leases, found by their object names (no copy of the name needed), in shards by
+    /// name: each request of a busy server looks up, enters and removes its own name, and with
+    /// one lock for all of them every worker thread would write the same cache line at each
+    /// step.
+    held: [Shard; SHARDS],
+    /// Picks a name's shard.
+    hash: Hash,
     queues: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>, Hash>>,
 }
+
+const SHARDS: usize = 16;
+
+/// One shard of the held leases, on cache lines of its own.
+#[derive(Default)]
+#[repr(align(128))]
+struct Shard(Mutex<HashSet<ByName, Hash>>);
 
 /// A lease as a set member: identified by its object name.
 struct ByName(Arc<LeaseShared>);
@@ -56,23 +68,29 @@ pub(crate) struct QueueTurn<'a> {
 }
 
 impl Local {
+    /// The shard of `name`'s lease, locked.
+    fn held(&self, name: &str) -> std::sync::MutexGuard<'_, HashSet<ByName, Hash>> {
+        use std::hash::BuildHasher;
+        let shard = &self.held[self.hash.hash_one(name) as usize % SHARDS];
+        shard.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// The lease of this client that holds `name`, if it is healthy.
     pub(crate) fn healthy_holder(&self, name: &str) -> Option<Arc<LeaseShared>> {
-        let held = self.held.lock().unwrap_or_else(|e| e.into_inner());
-        held.get(name)
+        self.held(name)
+            .get(name)
             .filter(|s| s.0.is_healthy())
             .map(|s| s.0.clone())
     }
 
     /// Records `lease` as the holder of its object name (in place of an older one).
     pub(crate) fn insert(&self, lease: Arc<LeaseShared>) {
-        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
-        held.replace(ByName(lease));
+        self.held(lease.name()).replace(ByName(lease));
     }
 
     /// Forgets `lease` (and only it: a newer lease of the same name stays).
     pub(crate) fn remove(&self, lease: &Arc<LeaseShared>) {
-        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        let mut held = self.held(lease.name());
         if held
             .get(lease.name())
             .is_some_and(|s| Arc::ptr_eq(&s.0, lease))
