@@ -816,8 +816,7 @@ fn jitter(max: Duration) -> Duration {
 
 /// A fresh owner: the readable identity and a random 128-bit nonce.
 fn new_owner(identity: &str) -> Arc<str> {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    let nonce = rand::random::<u128>();
+    let nonce = nonce();
     if identity.len() > MAX_IDENTITY_LEN {
         return format!("{identity}#{nonce:032x}").into();
     }
@@ -826,11 +825,46 @@ fn new_owner(identity: &str) -> Arc<str> {
     let (name, rest) = buf.split_at_mut(identity.len());
     name.copy_from_slice(identity.as_bytes());
     rest[0] = b'#';
-    for (i, digit) in rest[1..33].iter_mut().enumerate() {
-        *digit = HEX[((nonce >> ((31 - i) * 4)) & 0xf) as usize];
+    for (pair, byte) in rest[1..33].chunks_exact_mut(2).zip(nonce.to_be_bytes()) {
+        pair.copy_from_slice(&HEX_PAIRS[usize::from(byte) * 2..][..2]);
     }
     // The identity (UTF-8) and ASCII.
     Arc::from(std::str::from_utf8(&buf[..identity.len() + 33]).unwrap_or_default())
+}
+
+/// "000102…feff": a byte's two hex digits at twice its value.
+const HEX_PAIRS: [u8; 512] = {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut out = [0u8; 512];
+    let mut i = 0;
+    while i < 256 {
+        out[2 * i] = HEX[i >> 4];
+        out[2 * i + 1] = HEX[i & 0xf];
+        i += 1;
+    }
+    out
+};
+
+/// A 128-bit value never handed out before in this process, nor (but with a chance of
+/// 2^-64) in another: a random half chosen once per thread, and a count. An owner id only
+/// has to be unique per acquisition (it tells our own landed write from anyone else's);
+/// drawing 128 fresh random bits for each cost more than the rest of the id.
+fn nonce() -> u128 {
+    thread_local! {
+        /// This thread's random half (0: not drawn yet) and its count.
+        static NONCE: std::cell::Cell<(u64, u64)> = const { std::cell::Cell::new((0, 0)) };
+    }
+    NONCE
+        .try_with(|n| {
+            let (mut half, count) = n.get();
+            if half == 0 {
+                half = rand::random::<u64>() | 1;
+            }
+            n.set((half, count.wrapping_add(1)));
+            (u128::from(half) << 64) | u128::from(count)
+        })
+        // A thread being torn down: fresh random bits.
+        .unwrap_or_else(|_| rand::random())
 }
 
 /// The longest identity [`ClientBuilder::identity`] accepts, in bytes.
@@ -1067,6 +1101,18 @@ mod tests {
                 .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
         );
         assert_ne!(a, new_owner("host:1"));
+        // Unique across threads and acquisitions.
+        let owners: Vec<Arc<str>> = std::thread::scope(|scope| {
+            let threads: Vec<_> = (0..4)
+                .map(|_| scope.spawn(|| (0..1000).map(|_| new_owner("h")).collect::<Vec<_>>()))
+                .collect();
+            threads
+                .into_iter()
+                .flat_map(|t| t.join().expect("owner thread"))
+                .collect()
+        });
+        let distinct: std::collections::HashSet<&str> = owners.iter().map(|o| &**o).collect();
+        assert_eq!(distinct.len(), owners.len());
         // The longest identity, multi-byte characters, and (not accepted by the builder, but
         // handled) a longer one.
         for identity in [
