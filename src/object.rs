@@ -12,6 +12,7 @@
 //! are judged by it plus [`FOREIGN_SKEW`], against the server's clock. A lock with neither
 //! readable falls back to `updated` + the configured ttl — never "instantly stale".
 
+use std::cell::Cell;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -36,26 +37,49 @@ const EXPIRES_FORMAT: &[BorrowedFormatItem<'static>] =
 
 /// Formats a time as Python `dimutex` writes `expires` (`EXPIRES_FORMAT`), digit by digit:
 /// this runs on every acquisition and refresh, and the format interpreter of `time` costs
-/// several times more. Times before 1970 or after 9999 (a broken wall clock) are written as
-/// the epoch.
+/// several times more. The calendar part is worked out once per second per thread. Times
+/// before 1970 or after 9999 (a broken wall clock) are written as the epoch.
 pub(crate) fn format_expires(at: SystemTime) -> Arc<str> {
-    let at = at
+    thread_local! {
+        /// The last second formatted on this thread, and its "YYYY-DD-MM HH:MM:SS".
+        static SECOND: Cell<(u64, [u8; 19])> = const { Cell::new((u64::MAX, [0; 19])) };
+    }
+    let since_epoch = at
         .duration_since(SystemTime::UNIX_EPOCH)
         .ok()
-        .and_then(|d| OffsetDateTime::from_unix_timestamp_nanos(d.as_nanos() as i128).ok())
-        .filter(|t| (0..=9999).contains(&t.year()))
-        .unwrap_or(OffsetDateTime::UNIX_EPOCH);
+        .filter(|d| d.as_secs() <= LAST_SECOND_OF_9999);
+    let (secs, micros) = since_epoch.map_or((0, 0), |d| (d.as_secs(), d.subsec_micros()));
     // "YYYY-DD-MM HH:MM:SS.ffffff UTC", written in place: the only allocation is the result.
     let mut out = *b"0000-00-00 00:00:00.000000 UTC";
+    let cached = SECOND.try_with(Cell::get).ok().filter(|&(s, _)| s == secs);
+    let date = match cached {
+        Some((_, date)) => date,
+        None => {
+            let date = format_second(secs);
+            let _ = SECOND.try_with(|c| c.set((secs, date)));
+            date
+        }
+    };
+    out[..19].copy_from_slice(&date);
+    put_digits(&mut out[20..26], micros);
+    // ASCII digits and separators.
+    Arc::from(std::str::from_utf8(&out).unwrap_or_default())
+}
+
+/// 9999-12-31 23:59:59 UTC, in seconds since the epoch.
+const LAST_SECOND_OF_9999: u64 = 253_402_300_799;
+
+/// "YYYY-DD-MM HH:MM:SS" of a second since the epoch (at most [`LAST_SECOND_OF_9999`]).
+fn format_second(secs: u64) -> [u8; 19] {
+    let at = OffsetDateTime::from_unix_timestamp(secs as i64).unwrap_or(OffsetDateTime::UNIX_EPOCH);
+    let mut out = *b"0000-00-00 00:00:00";
     put_digits(&mut out[0..4], at.year() as u32);
     put_digits(&mut out[5..7], u32::from(at.day()));
     put_digits(&mut out[8..10], u32::from(u8::from(at.month())));
     put_digits(&mut out[11..13], u32::from(at.hour()));
     put_digits(&mut out[14..16], u32::from(at.minute()));
     put_digits(&mut out[17..19], u32::from(at.second()));
-    put_digits(&mut out[20..26], at.microsecond());
-    // ASCII digits and separators.
-    Arc::from(std::str::from_utf8(&out).unwrap_or_default())
+    out
 }
 
 /// Writes the last `out.len()` decimal digits of `n`, zero-padded.
@@ -179,6 +203,18 @@ mod tests {
 
     fn at(secs: u64, micros: u64) -> SystemTime {
         SystemTime::UNIX_EPOCH + Duration::from_secs(secs) + Duration::from_micros(micros)
+    }
+
+    #[test]
+    fn expires_in_one_second_share_the_date_and_not_the_microseconds() {
+        let first = format_expires(at(1_767_323_045, 1));
+        let same_second = format_expires(at(1_767_323_045, 999_999));
+        let next_second = format_expires(at(1_767_323_046, 0));
+        let earlier = format_expires(at(86_399, 5));
+        assert_eq!(&*first, "2026-02-01 03:04:05.000001 UTC");
+        assert_eq!(&*same_second, "2026-02-01 03:04:05.999999 UTC");
+        assert_eq!(&*next_second, "2026-02-01 03:04:06.000000 UTC");
+        assert_eq!(&*earlier, "1970-01-01 23:59:59.000005 UTC");
     }
 
     #[test]
