@@ -241,23 +241,38 @@ impl KeyExtractor for FromPathParam {
 }
 
 /// The raw value of `{name}` (or `{*name}`) in `path`, matched segment by segment against the
-/// route `template`.
+/// route `template`. Byte by byte: this runs on every request.
 #[cfg(feature = "axum")]
 fn path_param<'p>(template: &str, path: &'p str, name: &str) -> Option<&'p str> {
-    let mut rest = path.strip_prefix('/')?;
-    for segment in template.strip_prefix('/')?.split('/') {
-        let (value, tail) = match segment.strip_prefix("{*") {
-            Some(_) => (rest, ""),
-            None => rest.split_once('/').unwrap_or((rest, "")),
-        };
+    // The parameter's segment in the template, and whether it takes the rest of the path.
+    let mut segments = template.strip_prefix('/')?;
+    let mut index = 0;
+    let wildcard = loop {
+        let (segment, tail) = split_segment(segments);
         if let Some(param) = segment.strip_prefix('{').and_then(|s| s.strip_suffix('}')) {
-            if param.trim_start_matches('*') == name {
-                return Some(value);
+            match param.strip_prefix('*') {
+                Some(param) if param == name => break true,
+                None if param == name => break false,
+                _ => {}
             }
         }
-        rest = tail;
+        segments = tail?;
+        index += 1;
+    };
+    let mut rest = path.strip_prefix('/')?;
+    for _ in 0..index {
+        rest = split_segment(rest).1.unwrap_or("");
     }
-    None
+    Some(if wildcard { rest } else { split_segment(rest).0 })
+}
+
+/// The first segment of `s` and what follows its `/` (`None`: it was the last).
+#[cfg(feature = "axum")]
+fn split_segment(s: &str) -> (&str, Option<&str>) {
+    match s.bytes().position(|b| b == b'/') {
+        Some(at) => (&s[..at], Some(&s[at + 1..])),
+        None => (s, None),
+    }
 }
 
 #[cfg(feature = "axum")]
