@@ -84,7 +84,8 @@ where
                     Some(Ok(_)) => body.is_end_stream(),
                 };
                 if done {
-                    // Dropping the guard hands the release to the client's lease driver.
+                    // Dropping the guard releases the lock (in place with an in-process
+                    // backend, by the client's lease driver otherwise).
                     this.guard.take();
                 }
                 Poll::Ready(frame)
