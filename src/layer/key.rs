@@ -263,7 +263,11 @@ fn path_param<'p>(template: &str, path: &'p str, name: &str) -> Option<&'p str> 
     for _ in 0..index {
         rest = split_segment(rest).1.unwrap_or("");
     }
-    Some(if wildcard { rest } else { split_segment(rest).0 })
+    Some(if wildcard {
+        rest
+    } else {
+        split_segment(rest).0
+    })
 }
 
 /// The first segment of `s` and what follows its `/` (`None`: it was the last).
