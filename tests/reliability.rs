@@ -488,6 +488,9 @@ fn t3_assert(rate: f64, f: &T3Figures) {
             );
         }
     }
+    // Safety first: a history violation is reported even in a run that also falls short of a
+    // liveness floor below.
+    r.assert_clean(&label);
     // At 20 % some of the faults are 429s: the clients then wait out GCS's mutation window
     // (1-2 s) before creates and deletes, as they must on a throttled object, so fewer cycles
     // fit in the run. These are liveness floors, not targets: over 14 runs on a 2-core VM the
@@ -499,10 +502,6 @@ fn t3_assert(rate: f64, f: &T3Figures) {
     assert!(
         f.long_holds >= enough_long,
         "{label}: too few locks held across refreshes"
-    );
-    assert!(
-        r.refreshes > 0,
-        "{label}: no refresh landed during the long holds"
     );
     assert!(
         r.refreshes >= 2 * f.long_holds,
@@ -522,7 +521,6 @@ fn t3_assert(rate: f64, f: &T3Figures) {
             r.acquisitions
         );
     }
-    r.assert_clean(&label);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
