@@ -15,7 +15,27 @@ pub const GCS_ENDPOINT: &str = "https://storage.googleapis.com";
 /// The OAuth scope the backend asks for.
 pub const SCOPE: &str = "https://www.googleapis.com/auth/devstorage.read_write";
 
-const BOUNDARY: &str = "dimutex-7a1c3f0e9b2d4c86";
+/// The multipart boundary of uploads (a macro: the strings below are built from it at compile
+/// time).
+macro_rules! boundary {
+    () => {
+        "dimutex-7a1c3f0e9b2d4c86"
+    };
+}
+
+const MULTIPART_CONTENT_TYPE: &str = concat!("multipart/related; boundary=", boundary!());
+const MULTIPART_HEAD: &str = concat!(
+    "--",
+    boundary!(),
+    "\r\nContent-Type: application/json; charset=UTF-8\r\n\r\n"
+);
+const MULTIPART_TAIL: &str = concat!(
+    "\r\n--",
+    boundary!(),
+    "\r\nContent-Type: text/plain\r\n\r\nlock\r\n--",
+    boundary!(),
+    "--\r\n"
+);
 
 /// Lock objects on Google Cloud Storage, through the JSON API.
 ///
@@ -145,12 +165,21 @@ impl GcsBackend {
     }
 
     fn object_url(&self, name: &str) -> String {
-        format!(
-            "{}/storage/v1/b/{}/o/{}",
-            self.endpoint,
-            self.bucket,
-            encode_segment(name)
-        )
+        let mut url = format!("{}/storage/v1/b/{}/o/", self.endpoint, self.bucket);
+        push_segment(&mut url, name);
+        url
+    }
+
+    /// The object's URL with the write preconditions of `expected` as its query, written in
+    /// one string (not appended and re-encoded by the request builder).
+    fn object_url_if(&self, name: &str, expected: Version) -> String {
+        let mut url = self.object_url(name);
+        push_preconditions(
+            &mut url,
+            expected.generation(),
+            Some(expected.metageneration()),
+        );
+        url
     }
 
     async fn send(&self, request: reqwest::RequestBuilder) -> Result<Response, BackendError> {
@@ -200,36 +229,44 @@ impl GcsBackend {
         metadata: &Metadata,
         expected: Option<Version>,
     ) -> reqwest::RequestBuilder {
-        let url = format!("{}/upload/storage/v1/b/{}/o", self.endpoint, self.bucket);
-        let (generation, metageneration) = match expected {
-            Some(v) => (v.generation(), Some(v.metageneration())),
-            None => (0, None),
-        };
-        let mut query = vec![
-            ("uploadType", "multipart".to_owned()),
-            ("ifGenerationMatch", generation.to_string()),
-        ];
-        if let Some(m) = metageneration {
-            query.push(("ifMetagenerationMatch", m.to_string()));
-        }
-        let resource = serde_json::json!({
-            "name": name,
-            "cacheControl": "no-store",
-            "contentType": "text/plain",
-            "metadata": metadata,
-        });
-        let body = format!(
-            "--{BOUNDARY}\r\nContent-Type: application/json; charset=UTF-8\r\n\r\n{resource}\r\n--{BOUNDARY}\r\nContent-Type: text/plain\r\n\r\nlock\r\n--{BOUNDARY}--\r\n"
+        let mut url = format!(
+            "{}/upload/storage/v1/b/{}/o?uploadType=multipart",
+            self.endpoint, self.bucket
         );
+        match expected {
+            Some(v) => push_preconditions(&mut url, v.generation(), Some(v.metageneration())),
+            None => push_preconditions(&mut url, 0, None),
+        }
+        // The multipart body, the JSON resource serialized straight into it.
+        let resource = UploadResource {
+            name,
+            cache_control: "no-store",
+            content_type: "text/plain",
+            metadata,
+        };
+        let mut body = Vec::with_capacity(384);
+        body.extend_from_slice(MULTIPART_HEAD.as_bytes());
+        // Writing to a `Vec` fails only if `Metadata`'s serialization does, which it does not.
+        let _ = serde_json::to_writer(&mut body, &resource);
+        body.extend_from_slice(MULTIPART_TAIL.as_bytes());
         self.http
             .post(url)
-            .query(&query)
             .header(
                 http::header::CONTENT_TYPE,
-                format!("multipart/related; boundary={BOUNDARY}"),
+                http::HeaderValue::from_static(MULTIPART_CONTENT_TYPE),
             )
             .body(body)
     }
+}
+
+/// The JSON part of a multipart upload.
+#[derive(serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+struct UploadResource<'a> {
+    name: &'a str,
+    cache_control: &'static str,
+    content_type: &'static str,
+    metadata: &'a Metadata,
 }
 
 impl GcsBackendBuilder {
@@ -356,11 +393,15 @@ impl Backend for GcsBackend {
         metadata: &'a Metadata,
     ) -> BoxFuture<'a, Result<Reply<ObjectState>, BackendError>> {
         Box::pin(async move {
-            let body = serde_json::json!({ "metadata": metadata }).to_string();
+            #[derive(serde::Serialize)]
+            struct Patch<'a> {
+                metadata: &'a Metadata,
+            }
+            // Serializing to a `Vec` fails only if `Metadata`'s serialization does: never.
+            let body = serde_json::to_vec(&Patch { metadata }).unwrap_or_default();
             let request = self
                 .http
-                .patch(self.object_url(name))
-                .query(&preconditions(expected))
+                .patch(self.object_url_if(name, expected))
                 .header(http::header::CONTENT_TYPE, "application/json")
                 .body(body);
             // fake-gcs-server 1.54 leaves metageneration out of PATCH replies; a PATCH
@@ -376,10 +417,7 @@ impl Backend for GcsBackend {
         expected: Version,
     ) -> BoxFuture<'a, Result<Reply<()>, BackendError>> {
         Box::pin(async move {
-            let request = self
-                .http
-                .delete(self.object_url(name))
-                .query(&preconditions(expected));
+            let request = self.http.delete(self.object_url_if(name, expected));
             let r = self.send(request).await?;
             if r.status.is_success() {
                 return Ok(Reply::new((), server_time(&r.headers)));
@@ -387,13 +425,6 @@ impl Backend for GcsBackend {
             Err(r.error(name))
         })
     }
-}
-
-fn preconditions(v: Version) -> [(&'static str, String); 2] {
-    [
-        ("ifGenerationMatch", v.generation().to_string()),
-        ("ifMetagenerationMatch", v.metageneration().to_string()),
-    ]
 }
 
 struct Response {
@@ -567,14 +598,34 @@ fn parse_rfc3339(s: &str) -> Option<SystemTime> {
 /// Percent-encodes an object name as one path segment (everything but unreserved characters).
 pub(crate) fn encode_segment(name: &str) -> String {
     let mut out = String::with_capacity(name.len() * 3);
+    push_segment(&mut out, name);
+    out
+}
+
+/// Appends `name` percent-encoded as one path segment.
+fn push_segment(out: &mut String, name: &str) {
+    const HEX: &[u8; 16] = b"0123456789ABCDEF";
+    out.reserve(name.len());
     for b in name.bytes() {
         if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
-            out.push(b as char);
+            out.push(char::from(b));
         } else {
-            out.push_str(&format!("%{b:02X}"));
+            out.push('%');
+            out.push(char::from(HEX[usize::from(b >> 4)]));
+            out.push(char::from(HEX[usize::from(b & 0xf)]));
         }
     }
-    out
+}
+
+/// Appends the write preconditions as query parameters (`?` or `&` as the URL needs).
+fn push_preconditions(url: &mut String, generation: i64, metageneration: Option<i64>) {
+    use std::fmt::Write;
+    let sep = if url.contains('?') { '&' } else { '?' };
+    // Writing to a `String` cannot fail.
+    let _ = write!(url, "{sep}ifGenerationMatch={generation}");
+    if let Some(m) = metageneration {
+        let _ = write!(url, "&ifMetagenerationMatch={m}");
+    }
 }
 
 fn normalize_endpoint(e: &str) -> Option<String> {
@@ -615,6 +666,12 @@ mod tests {
         assert_eq!(encode_segment("dimutex/a b+c"), "dimutex%2Fa%20b%2Bc");
         assert_eq!(encode_segment("ü"), "%C3%BC");
         assert_eq!(encode_segment("a-b.c_d~e"), "a-b.c_d~e");
+        let mut url = "http://h/o/x".to_owned();
+        push_preconditions(&mut url, 7, Some(2));
+        assert_eq!(url, "http://h/o/x?ifGenerationMatch=7&ifMetagenerationMatch=2");
+        let mut url = "http://h/o?uploadType=multipart".to_owned();
+        push_preconditions(&mut url, 0, None);
+        assert_eq!(url, "http://h/o?uploadType=multipart&ifGenerationMatch=0");
     }
 
     #[test]
