@@ -668,7 +668,10 @@ mod tests {
         assert_eq!(encode_segment("a-b.c_d~e"), "a-b.c_d~e");
         let mut url = "http://h/o/x".to_owned();
         push_preconditions(&mut url, 7, Some(2));
-        assert_eq!(url, "http://h/o/x?ifGenerationMatch=7&ifMetagenerationMatch=2");
+        assert_eq!(
+            url,
+            "http://h/o/x?ifGenerationMatch=7&ifMetagenerationMatch=2"
+        );
         let mut url = "http://h/o?uploadType=multipart".to_owned();
         push_preconditions(&mut url, 0, None);
         assert_eq!(url, "http://h/o?uploadType=multipart&ifGenerationMatch=0");
