@@ -28,8 +28,8 @@ use std::time::{Duration, Instant};
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use tokio::sync::{Notify, mpsc, watch};
 
-use crate::backend::{BackendError, Reply, Version};
-use crate::client::{Inner, MUTATION_WINDOW};
+use crate::backend::{BackendError, BoxFuture, Reply, Version};
+use crate::client::{Attempted, Inner, MUTATION_WINDOW};
 use crate::error::Error;
 use crate::guard::{Claim, LeaseShared, LeaseState, ReleaseRequest};
 use crate::object;
@@ -820,8 +820,7 @@ async fn refresh(
     let cfg = &inner.config;
     let md = object::refresh_metadata(cfg.ttl, (cfg.clock)());
     let backend = &*inner.backend;
-    let attempt = inner.call(|| backend.refresh(name, version, &md), Some(deadline));
-    let Ok(a) = tokio::time::timeout_at(deadline.into(), attempt).await else {
+    let Some(a) = by_deadline(inner, deadline, || backend.refresh(name, version, &md)).await else {
         return Refresh::Expired;
     };
     match a.result {
@@ -833,8 +832,7 @@ async fn refresh(
             // Changed: by someone else, or by a write of ours whose outcome we never learned
             // (an attempt of this refresh, or an earlier refresh that gave up) — then it is
             // still our lease, at a metageneration we do not know.
-            let check = inner.call(|| backend.inspect(name), Some(deadline));
-            let Ok(c) = tokio::time::timeout_at(deadline.into(), check).await else {
+            let Some(c) = by_deadline(inner, deadline, || backend.inspect(name)).await else {
                 return Refresh::Expired;
             };
             let state = match c.result {
@@ -852,11 +850,8 @@ async fn refresh(
                 };
             }
             // An earlier write of ours landed: refresh again, from the version we now know.
-            let again = inner.call(
-                || backend.refresh(name, state.version(), &md),
-                Some(deadline),
-            );
-            let Ok(b) = tokio::time::timeout_at(deadline.into(), again).await else {
+            let again = || backend.refresh(name, state.version(), &md);
+            let Some(b) = by_deadline(inner, deadline, again).await else {
                 return Refresh::Expired;
             };
             match b.result {
@@ -871,6 +866,18 @@ async fn refresh(
         Err(BackendError::NotFound) => Refresh::Gone,
         Err(_) => Refresh::failed_before(deadline),
     }
+}
+
+/// `op`, retried per the client's policy until the lease's `deadline` and cut off there:
+/// `None` once the deadline has passed.
+async fn by_deadline<'a, T, F>(inner: &'a Inner, deadline: Instant, op: F) -> Option<Attempted<T>>
+where
+    F: FnMut() -> BoxFuture<'a, Result<T, BackendError>> + 'a,
+    T: 'a,
+{
+    tokio::time::timeout_at(deadline.into(), inner.call(op, Some(deadline)))
+        .await
+        .ok()
 }
 
 impl Refresh {
