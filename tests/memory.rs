@@ -323,6 +323,17 @@ impl Backend for Scripted {
     }
 }
 
+/// Takes `key` at once and releases it: this client does not think it still holds the key.
+async fn acquire_and_release(client: &dimutex::Client, key: &str) {
+    client
+        .try_acquire(key)
+        .await
+        .unwrap()
+        .release()
+        .await
+        .unwrap();
+}
+
 /// Waits (at most 3 s) until `backend` holds no object and `client` no lease; how long that
 /// took.
 async fn until_released(backend: &MemoryBackend, client: &dimutex::Client) -> std::time::Duration {
@@ -357,13 +368,7 @@ async fn a_cancelled_release_is_finished_by_the_client() {
     assert!(cut.is_err(), "the release was cut short");
     until_released(&backend, &client).await;
     assert!(!held.is_healthy());
-    client
-        .try_acquire("cancelled")
-        .await
-        .unwrap()
-        .release()
-        .await
-        .unwrap();
+    acquire_and_release(&client, "cancelled").await;
 }
 
 /// A `release()` while a refresh is in flight waits for it and then deletes the refreshed
@@ -455,13 +460,7 @@ async fn a_dropped_guard_is_released_before_drop_returns() {
     assert_eq!(client.active_leases(), 0);
     // Taken again at once: this client does not think it still holds them.
     for key in ["dropped", "released"] {
-        client
-            .try_acquire(key)
-            .await
-            .unwrap()
-            .release()
-            .await
-            .unwrap();
+        acquire_and_release(&client, key).await;
     }
 }
 
