@@ -234,11 +234,7 @@ impl DriverHandle {
 
     /// Asks the driver to release lease `id`, answering on `reply`.
     pub(crate) fn release(&self, id: u64, reply: ReleaseRequest) -> bool {
-        self.send(Command::Release { id, reply })
-    }
-
-    fn send(&self, command: Command) -> bool {
-        self.commands.send(command).is_ok()
+        self.commands.send(Command::Release { id, reply }).is_ok()
     }
 
     /// Hands a new lease to the driver.
@@ -688,23 +684,16 @@ fn ended(inner: &Inner, shared: &Arc<LeaseShared>, result: &Result<bool, Error>)
 /// down, so a network backend's request is never polled in `drop`). Otherwise the driver
 /// releases the lease.
 pub(crate) fn release_on_drop(inner: Arc<Inner>, shared: &Arc<LeaseShared>) {
-    let id = shared.id();
-    let to_driver = |command: Command| {
-        // Refused only if the driver is gone (its runtime stopped): the lease then expires.
-        if let Some(driver) = inner.driver() {
-            let _ = driver.send(command);
-        }
-    };
     // Timers need a runtime: a throttled backend makes the release wait before its delete,
     // and a backend that claims to answer at once and does not has its request timed.
     if !inner.backend.answers_at_once() || inner.recently_throttled() || !on_runtime() {
-        to_driver(Command::Release { id, reply: None });
+        release_by_driver(&inner, shared);
         return;
     }
     let state = match shared.claim_release() {
         Claim::Claimed(state) => state,
         Claim::Refreshing | Claim::Releasing => {
-            to_driver(Command::Release { id, reply: None });
+            release_by_driver(&inner, shared);
             return;
         }
     };
@@ -723,16 +712,31 @@ pub(crate) fn release_on_drop(inner: Arc<Inner>, shared: &Arc<LeaseShared>) {
         }
     };
     match done {
-        Some(result) => {
-            if ended(&inner, shared, &result) {
-                if let Some(driver) = inner.driver() {
-                    driver.released(id);
-                }
-            }
-        }
-        None => {
-            shared.state().releasing = false;
-            to_driver(Command::Release { id, reply: None });
+        Some(result) => ended_by_guard(&inner, shared, &result),
+        None => hand_back(&inner, shared),
+    }
+}
+
+/// Asks the driver to release the lease. Refused only if the driver is gone (its runtime
+/// stopped): the lease then expires.
+fn release_by_driver(inner: &Inner, shared: &LeaseShared) {
+    if let Some(driver) = inner.driver() {
+        driver.release(shared.id(), None);
+    }
+}
+
+/// A release a guard began, dropped half-way: the driver does it over.
+fn hand_back(inner: &Inner, shared: &LeaseShared) {
+    shared.state().releasing = false;
+    release_by_driver(inner, shared);
+}
+
+/// Records the end of a release a guard did itself, and tells the driver to forget the lease
+/// if it has it in its care.
+fn ended_by_guard(inner: &Inner, shared: &Arc<LeaseShared>, result: &Result<bool, Error>) {
+    if ended(inner, shared, result) {
+        if let Some(driver) = inner.driver() {
+            driver.released(shared.id());
         }
     }
 }
@@ -775,12 +779,7 @@ pub(crate) async fn release_from_guard(
     };
     let result = release(inner, shared, state).await;
     handover.armed = false;
-    let watched = ended(inner, shared, &result);
-    if watched {
-        if let Some(driver) = inner.driver() {
-            driver.released(shared.id());
-        }
-    }
+    ended_by_guard(inner, shared, &result);
     result
 }
 
@@ -794,10 +793,7 @@ struct Handover<'a> {
 impl Drop for Handover<'_> {
     fn drop(&mut self) {
         if self.armed {
-            self.shared.state().releasing = false;
-            if let Some(driver) = self.inner.driver() {
-                driver.release(self.shared.id(), None);
-            }
+            hand_back(self.inner, self.shared);
         }
     }
 }
