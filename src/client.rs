@@ -50,6 +50,8 @@ pub(crate) struct Inner {
     live: AtomicUsize,
     /// Notified when `live` drops to zero.
     drained: Notify,
+    /// Where new leases wait for the lease driver.
+    pub(crate) inbox: Arc<lease::Inbox>,
     /// The lease driver of this client (started on the first acquisition, and again if the
     /// runtime it ran on has stopped).
     driver: std::sync::Mutex<Option<lease::DriverHandle>>,
@@ -642,7 +644,7 @@ impl Client {
             sent + cfg.ttl - cfg.margin(),
         ));
         inner.local.insert(shared.clone());
-        inner.hold(lease::Lease::new(inner.clone(), shared.clone()));
+        inner.hold(id, lease::Lease::new(inner.clone(), shared.clone()));
         LockGuard::new(shared, inner.clone())
     }
 
@@ -661,16 +663,20 @@ impl Client {
 }
 
 impl Inner {
-    /// Hands `lease` to the lease driver, started on the current runtime if there is none (or
-    /// its runtime has stopped).
-    fn hold(&self, lease: lease::Lease) {
+    /// Hands lease `id` to the lease driver, started on the current runtime if there is none
+    /// (or its runtime has stopped).
+    fn hold(&self, id: u64, lease: lease::Lease) {
+        if !self.inbox.post(id, lease) {
+            return;
+        }
         let mut driver = self.driver.lock().unwrap_or_else(|e| e.into_inner());
         match &*driver {
-            Some(handle) if !handle.is_closed() => handle.hold(lease),
+            Some(handle) if !handle.is_closed() => handle.wake(),
             _ => {
-                let handle = lease::spawn_driver(self.shutdown.subscribe());
-                handle.hold(lease);
-                *driver = Some(handle);
+                *driver = Some(lease::spawn_driver(
+                    self.inbox.clone(),
+                    self.shutdown.subscribe(),
+                ))
             }
         }
     }
@@ -1041,6 +1047,7 @@ impl ClientBuilder {
                 config,
                 live: AtomicUsize::new(0),
                 drained: Notify::new(),
+                inbox: Arc::new(lease::Inbox::new()),
                 driver: std::sync::Mutex::new(None),
                 shutdown: watch::Sender::new(false),
                 shut: AtomicBool::new(false),

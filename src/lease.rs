@@ -1,17 +1,18 @@
 //! The life of held leases: one driver task per client refreshes them, signals a lost lease,
 //! and releases the ones whose guards were dropped.
 //!
-//! Acquiring a lock leaves the lease in the driver's [`Inbox`], which the driver empties at
+//! Acquiring a lock leaves the lease in the client's [`Inbox`], which the driver empties at
 //! every wake-up; it is woken for that only when it would not otherwise wake within a
 //! [`TICK`] (a lease needs nothing from the driver before its first refresh, at least a
 //! quarter of the refresh interval later), so a busy client does not wake it per
-//! acquisition. The driver keeps one timer for all its leases: each lease has exactly one
+//! acquisition, and a lease released before the driver looked never reaches it. The driver keeps one timer for all its leases: each lease has exactly one
 //! wake-up in a sorted set (its next refresh, or its local deadline if that comes first), and
 //! refresh times are rounded down to a grid of [`TICK`], so the refreshes of many leases go
 //! out together. Refreshes and releases run concurrently inside the driver task.
 //!
 //! A dropped guard sends [`Command::Release`] (only a message: `Drop` does no work of its
-//! own). [`LockGuard::release`](crate::LockGuard::release) releases from the caller's task
+//! own), unless the backend answers at once ([`release_on_drop`]).
+//! [`LockGuard::release`](crate::LockGuard::release) releases from the caller's task
 //! instead, unless a refresh is in flight, and tells the driver to forget the lease through
 //! the inbox; if that release is cancelled half-way, the driver takes it over.
 
@@ -21,7 +22,7 @@ use std::future::Future;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -33,6 +34,11 @@ use crate::client::{Attempted, Inner, MUTATION_WINDOW};
 use crate::error::Error;
 use crate::guard::{Claim, LeaseShared, LeaseState, ReleaseRequest};
 use crate::object;
+
+mod inbox;
+
+pub(crate) use inbox::Inbox;
+use inbox::Items;
 
 /// What the client and the guards tell the driver.
 enum Command {
@@ -87,10 +93,16 @@ pub(crate) fn next_id() -> u64 {
 }
 
 /// Takes the lease off the client's count of live leases, once; whether the driver must be
-/// told to forget it (it has the lease in its care).
+/// told to forget it (it has the lease in its care). A lease the driver never took is taken
+/// back out of the inbox, and dropped here.
 fn uncount(inner: &Inner, shared: &LeaseShared) -> bool {
     match shared.end() {
         Some(watched) => {
+            if !watched {
+                // Its drop finds the lease ended: it does not come back here. (And all of the
+                // inbox's leases are dropped outside its locks.)
+                drop(inner.inbox.take(shared.id()));
+            }
             inner.lease_closed();
             watched
         }
@@ -150,7 +162,7 @@ fn first_refresh_delay(interval: Duration) -> Duration {
     interval.mul_f64(rand::random_range(0.25..=1.0))
 }
 
-/// The reference point of the refresh grid and of [`Inbox::looks_by`].
+/// The reference point of the refresh grid and of the inbox's `looks_by`.
 fn origin() -> Instant {
     static ORIGIN: OnceLock<Instant> = OnceLock::new();
     *ORIGIN.get_or_init(Instant::now)
@@ -197,33 +209,10 @@ impl Hasher for IdHasher {
     }
 }
 
-/// Where acquisitions leave new leases, and guard releases the leases they released, for the
-/// driver.
-pub(crate) struct Inbox {
-    items: Mutex<InboxItems>,
-    /// By when the driver will next empty the inbox without being told, in nanoseconds since
-    /// [`origin`]; `u64::MAX` when it is not sure to.
-    looks_by: AtomicU64,
-}
-
-#[derive(Default)]
-struct InboxItems {
-    leases: Vec<Lease>,
-    /// Leases released by their guards: the driver only forgets them.
-    released: Vec<u64>,
-}
-
-impl InboxItems {
-    fn is_empty(&self) -> bool {
-        self.leases.is_empty() && self.released.is_empty()
-    }
-}
-
 /// A client's way to its driver.
 #[derive(Clone)]
 pub(crate) struct DriverHandle {
     commands: mpsc::UnboundedSender<Command>,
-    inbox: Arc<Inbox>,
 }
 
 impl DriverHandle {
@@ -237,60 +226,32 @@ impl DriverHandle {
         self.commands.send(Command::Release { id, reply }).is_ok()
     }
 
-    /// Hands a new lease to the driver.
-    pub(crate) fn hold(&self, lease: Lease) {
-        self.post(|items| items.leases.push(lease));
-    }
-
-    /// Tells the driver that the guard of lease `id` released it.
-    fn released(&self, id: u64) {
-        self.post(|items| items.released.push(id));
-    }
-
-    /// Leaves something in the inbox, waking the driver only if it would not empty the inbox
-    /// within a tick anyway.
-    fn post(&self, put: impl FnOnce(&mut InboxItems)) {
-        let first = {
-            let mut items = self.inbox.items.lock().unwrap_or_else(|e| e.into_inner());
-            let first = items.is_empty();
-            put(&mut items);
-            first
-        };
-        // Something behind another item is covered by the wake-up that one arranged.
-        if first
-            && self.inbox.looks_by.load(Ordering::Acquire) > since_origin(Instant::now() + TICK)
-        {
-            // Refused only if the runtime stops this very moment: the lease then expires.
-            let _ = self.commands.send(Command::Adopt);
-        }
+    /// Wakes the driver to look in the inbox.
+    pub(crate) fn wake(&self) {
+        // Refused only if the runtime stops this very moment: the driver's end then tells
+        // the next poster to start another.
+        let _ = self.commands.send(Command::Adopt);
     }
 }
 
 /// Starts a driver on the current runtime. It stops once every sender is gone and its last
 /// release is done.
-pub(crate) fn spawn_driver(shutdown: watch::Receiver<bool>) -> DriverHandle {
+pub(crate) fn spawn_driver(inbox: Arc<Inbox>, shutdown: watch::Receiver<bool>) -> DriverHandle {
     let (tx, rx) = mpsc::unbounded_channel();
-    let inbox = Arc::new(Inbox {
-        items: Mutex::new(InboxItems::default()),
-        looks_by: AtomicU64::new(u64::MAX),
-    });
     let driver = Driver {
-        inbox: inbox.clone(),
+        inbox,
         adopt_at: None,
         commands: Some(rx),
         shutdown,
         shutting_down: false,
         leases: HashMap::default(),
         timers: BTreeSet::new(),
-        spare: InboxItems::default(),
+        spare: Items::default(),
         starting: Vec::new(),
         ops: FuturesUnordered::new(),
     };
     tokio::spawn(driver.run());
-    DriverHandle {
-        commands: tx,
-        inbox,
-    }
+    DriverHandle { commands: tx }
 }
 
 struct Driver {
@@ -309,8 +270,16 @@ struct Driver {
     /// send their request without waiting for the next turn.
     starting: Vec<Op>,
     ops: FuturesUnordered<Op>,
-    /// The inbox's other buffer.
-    spare: InboxItems,
+    /// An empty shard's worth of the inbox, to swap with a full one.
+    spare: Items,
+}
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        // Closed first: whoever reads "no driver" finds the handle closed, and starts one.
+        self.commands = None;
+        self.inbox.no_driver();
+    }
 }
 
 impl Driver {
@@ -321,7 +290,7 @@ impl Driver {
         loop {
             // While awake, the driver may miss a lease left in the inbox from here on: ask
             // for a wake-up, until it has decided when it sleeps until.
-            self.inbox.looks_by.store(u64::MAX, Ordering::Release);
+            self.inbox.set_looks_by(inbox::AWAKE);
             let adopted = self.adopt();
             // Take the commands waiting without spending the task's cooperative budget on
             // each (`recv` would: on a busy runtime the driver would fall behind its clients);
@@ -351,14 +320,12 @@ impl Driver {
                 armed = next;
             }
             if let Some(at) = armed {
-                self.inbox
-                    .looks_by
-                    .store(since_origin(at), Ordering::Release);
+                self.inbox.set_looks_by(since_origin(at));
             }
             if self.commands.is_none()
                 && self.ops.is_empty()
                 && self.leases.is_empty()
-                && self.inbox_is_empty()
+                && self.inbox.is_empty()
             {
                 return;
             }
@@ -432,44 +399,36 @@ impl Driver {
     /// Takes over the leases waiting in the inbox and forgets those their guards released;
     /// how many new leases.
     fn adopt(&mut self) -> usize {
-        // Swapped with the (empty) spare: the inbox keeps allocated space for the next ones.
-        let mut items = std::mem::take(&mut self.spare);
-        {
-            let mut inbox = self.inbox.items.lock().unwrap_or_else(|e| e.into_inner());
-            if inbox.is_empty() {
+        let mut n = 0;
+        for i in 0..self.inbox.shard_count() {
+            // Swapped with the (empty) spare: the shard keeps allocated space for the next ones.
+            let mut items = std::mem::take(&mut self.spare);
+            if !self.inbox.swap(i, &mut items) {
                 self.spare = items;
-                return 0;
+                continue;
             }
-            std::mem::swap(&mut *inbox, &mut items);
-        }
-        let n = items.leases.len();
-        for lease in items.leases.drain(..) {
-            // Already released by its guard (a busy layer's usual case): nothing to watch,
-            // and the guard did not post its id.
-            if lease.shared.watch() {
-                self.hold(lease);
-            }
-        }
-        for id in items.released.drain(..) {
-            // Its guard released it (and took it off the local map); only our entry is left.
-            if let Some(entry) = self.leases.remove(&id) {
-                if let Some(at) = entry.wake {
-                    self.timers.remove(&(at, id));
+            n += items.leases.len();
+            for (_, lease) in items.leases.drain() {
+                // Released by its guard since the swap: nothing to watch, and the guard did
+                // not post its id.
+                if lease.shared.watch() {
+                    self.hold(lease);
                 }
             }
-        }
-        if items.leases.capacity() <= SPARE_CAPACITY {
-            self.spare = items;
+            for id in items.released.drain(..) {
+                // Its guard released it (and took it off the local map); only our entry is
+                // left.
+                if let Some(entry) = self.leases.remove(&id) {
+                    if let Some(at) = entry.wake {
+                        self.timers.remove(&(at, id));
+                    }
+                }
+            }
+            if items.leases.capacity() <= SPARE_CAPACITY {
+                self.spare = items;
+            }
         }
         n
-    }
-
-    fn inbox_is_empty(&self) -> bool {
-        self.inbox
-            .items
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .is_empty()
     }
 
     fn hold(&mut self, lease: Lease) {
@@ -734,9 +693,9 @@ fn hand_back(inner: &Inner, shared: &LeaseShared) {
 /// Records the end of a release a guard did itself, and tells the driver to forget the lease
 /// if it has it in its care.
 fn ended_by_guard(inner: &Inner, shared: &Arc<LeaseShared>, result: &Result<bool, Error>) {
-    if ended(inner, shared, result) {
+    if ended(inner, shared, result) && inner.inbox.post_released(shared.id()) {
         if let Some(driver) = inner.driver() {
-            driver.released(shared.id());
+            driver.wake();
         }
     }
 }
@@ -968,5 +927,29 @@ mod tests {
             assert!(t - g < TICK);
             assert_eq!(on_grid(g), g);
         }
+    }
+
+    /// On a current-thread runtime the driver cannot run before the test yields: the lease
+    /// is still in the inbox when its guard goes.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_lease_released_before_the_driver_looks_never_reaches_it() {
+        let client = crate::Client::new(crate::backend::MemoryBackend::new());
+        let guard = client.try_acquire("k").await.unwrap();
+        assert!(!client.inner.inbox.is_empty(), "the new lease waits");
+        drop(guard);
+        assert!(client.inner.inbox.is_empty(), "its guard took it back");
+        assert_eq!(client.active_leases(), 0);
+        let guard = client.try_acquire("k").await.unwrap();
+        tokio::task::yield_now().await;
+        assert!(client.inner.inbox.is_empty(), "the driver took this one");
+        assert!(guard.release().await.unwrap());
+        assert!(
+            !client.inner.inbox.is_empty(),
+            "its id waits for the driver"
+        );
+        // The driver looks again within a tick of its last look.
+        tokio::time::sleep(TICK * 2).await;
+        assert!(client.inner.inbox.is_empty(), "the driver forgot it");
+        assert_eq!(client.active_leases(), 0);
     }
 }

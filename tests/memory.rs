@@ -214,6 +214,43 @@ async fn a_stalled_runtime_sees_its_lease_lost_when_it_resumes() {
     );
 }
 
+/// A client outlives the runtime its lease driver ran on: the next runtime's first
+/// acquisition starts another driver, which refreshes its own lease and also the one the
+/// stopped runtime's driver never took.
+#[test]
+fn a_client_outliving_its_runtime_starts_a_new_driver() {
+    use std::time::Duration;
+    let runtime = || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+    };
+    let backend = MemoryBackend::new();
+    let client = dimutex::Client::builder(backend.clone())
+        .ttl(Duration::from_secs(2))
+        .build()
+        .unwrap();
+    let first = runtime();
+    // The acquisition never waits, so the driver it starts never runs before the runtime goes.
+    let early = first.block_on(client.try_acquire("early")).unwrap();
+    drop(first);
+    runtime().block_on(async {
+        let late = client.try_acquire("late").await.unwrap();
+        // Past the local deadline (ttl - a tenth): only refreshes keep them healthy.
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        assert!(late.is_healthy(), "the new driver refreshes its lease");
+        assert!(
+            early.is_healthy(),
+            "and the one left waiting for the old driver"
+        );
+        assert!(late.release().await.unwrap());
+        assert!(early.release().await.unwrap());
+        assert_eq!(backend.object_count(), 0);
+        client.shutdown(Duration::from_secs(5)).await.unwrap();
+    });
+}
+
 /// Leases taken in bursts (most of them handed to the lease driver without waking it) are
 /// all refreshed: after more than a ttl every one is still healthy.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
