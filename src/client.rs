@@ -644,7 +644,7 @@ impl Client {
             sent + cfg.ttl - cfg.margin(),
         ));
         inner.local.insert(shared.clone());
-        inner.hold(id, lease::Lease::new(inner.clone(), shared.clone()));
+        inner.hold(id, lease::Lease::new(inner.clone(), shared.clone()), sent);
         LockGuard::new(shared, inner.clone())
     }
 
@@ -663,10 +663,10 @@ impl Client {
 }
 
 impl Inner {
-    /// Hands lease `id` to the lease driver, started on the current runtime if there is none
-    /// (or its runtime has stopped).
-    fn hold(&self, id: u64, lease: lease::Lease) {
-        if !self.inbox.post(id, lease) {
+    /// Hands lease `id` (its acquisition sent at `sent`) to the lease driver, started on the
+    /// current runtime if there is none (or its runtime has stopped).
+    fn hold(&self, id: u64, lease: lease::Lease, sent: Instant) {
+        if !self.inbox.post(id, lease, sent) {
             return;
         }
         let mut driver = self.driver.lock().unwrap_or_else(|e| e.into_inner());

@@ -2,7 +2,6 @@
 
 use std::borrow::Cow;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::store::{Preconditions, Store, StoreError, StoredObject};
 use super::{Backend, BackendError, BoxFuture, Metadata, ObjectState, Reply, Version};
@@ -30,7 +29,6 @@ use super::{Backend, BackendError, BoxFuture, Metadata, ObjectState, Reply, Vers
 #[derive(Debug, Clone, Default)]
 pub struct MemoryBackend {
     store: Arc<Store>,
-    requests: Arc<AtomicU64>,
 }
 
 impl MemoryBackend {
@@ -88,15 +86,11 @@ impl MemoryBackend {
     /// assert_eq!(dimutex::backend::MemoryBackend::new().request_count(), 0);
     /// ```
     pub fn request_count(&self) -> u64 {
-        self.requests.load(Ordering::Relaxed)
+        self.store.operations()
     }
 
     fn reply<T>(&self, value: T) -> Reply<T> {
         Reply::new(value, Some(self.store.now()))
-    }
-
-    fn count(&self) {
-        self.requests.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Creates or overwrites a lock object (the create and takeover requests).
@@ -106,7 +100,6 @@ impl MemoryBackend {
         metadata: &Metadata,
         pre: Preconditions,
     ) -> Result<Reply<ObjectState>, BackendError> {
-        self.count();
         let result = self.store.insert(
             name,
             metadata.clone(),
@@ -122,8 +115,12 @@ impl MemoryBackend {
         &self,
         result: Result<Arc<StoredObject>, StoreError>,
     ) -> Result<Reply<ObjectState>, BackendError> {
+        // The server's time of the write is the object's `updated`: no second clock read.
         result
-            .map(|o| self.reply(state(o)))
+            .map(|o| {
+                let at = o.updated;
+                Reply::new(state(o), Some(at))
+            })
             .map_err(|e| self.error(e))
     }
 
@@ -182,7 +179,6 @@ impl Backend for MemoryBackend {
         &'a self,
         name: &'a str,
     ) -> BoxFuture<'a, Result<Reply<Option<ObjectState>>, BackendError>> {
-        self.count();
         let out = match self.store.get(name) {
             Ok(o) => Ok(self.reply(Some(state(o)))),
             Err(StoreError::NotFound) => Ok(self.reply(None)),
@@ -207,7 +203,6 @@ impl Backend for MemoryBackend {
         expected: Version,
         metadata: &'a Metadata,
     ) -> BoxFuture<'a, Result<Reply<ObjectState>, BackendError>> {
-        self.count();
         let patch = metadata.changes().collect();
         let result = self.store.patch(name, patch, matching(expected));
         let out = self.write_result(result);
@@ -219,7 +214,6 @@ impl Backend for MemoryBackend {
         name: &'a str,
         expected: Version,
     ) -> BoxFuture<'a, Result<Reply<()>, BackendError>> {
-        self.count();
         let out = self
             .store
             .delete(name, matching(expected))

@@ -7,8 +7,9 @@
 
 use std::borrow::Cow;
 use std::collections::HashMap;
+use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
 use super::Metadata;
@@ -51,21 +52,38 @@ pub(crate) enum StoreError {
 /// A metadata change: `None` removes the key (JSON `null` in a PATCH).
 pub(crate) type MetadataPatch = Vec<(Cow<'static, str>, Option<Arc<str>>)>;
 
+/// The objects of one shard of names.
 #[derive(Debug, Default)]
 struct Inner {
     /// Shared with the replies that carry them: a reply costs no copy.
     objects: HashMap<Arc<str>, Arc<StoredObject>, Hash>,
     last_mutation: HashMap<String, Instant, Hash>,
+    /// Generations are per name (as on GCS): a shard's last one keeps its names' increasing.
     last_generation: i64,
+    /// Reads and writes served, refused ones included.
+    operations: u64,
 }
 
 /// Object names come from requests: a seeded hash, but a fast one.
 type Hash = foldhash::fast::RandomState;
 
+const SHARDS: usize = 16;
+
+/// One shard of the names, on cache lines of its own.
+#[derive(Debug, Default)]
+#[repr(align(128))]
+struct Shard(Mutex<Inner>);
+
 /// The object store of one bucket.
+///
+/// In shards by object name: a busy server's threads each create and delete their own names,
+/// and with one lock (and one request counter) for all of them every worker thread would
+/// write the same cache lines at every request.
 #[derive(Debug, Default)]
 pub(crate) struct Store {
-    inner: Mutex<Inner>,
+    shards: [Shard; SHARDS],
+    /// Picks a name's shard.
+    hash: Hash,
     throttle: AtomicBool,
     clock_offset_ms: AtomicI64,
 }
@@ -93,8 +111,21 @@ impl Store {
         }
     }
 
+    /// The shard of `name`, locked, with the operation counted.
+    fn shard(&self, name: &str) -> MutexGuard<'_, Inner> {
+        let i = self.hash.hash_one(name) as usize % SHARDS;
+        let mut inner = lock(&self.shards[i].0);
+        inner.operations += 1;
+        inner
+    }
+
+    /// How many reads and writes the store served (refused ones included).
+    pub fn operations(&self) -> u64 {
+        self.shards.iter().map(|s| lock(&s.0).operations).sum()
+    }
+
     pub fn get(&self, name: &str) -> Result<Arc<StoredObject>, StoreError> {
-        let inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let inner = self.shard(name);
         inner.objects.get(name).cloned().ok_or(StoreError::NotFound)
     }
 
@@ -123,20 +154,23 @@ impl Store {
     }
 
     pub fn list(&self, prefix: &str) -> Vec<Arc<StoredObject>> {
-        let inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        let mut out: Vec<_> = inner
-            .objects
-            .values()
-            .filter(|o| o.name.starts_with(prefix))
-            .cloned()
-            .collect();
+        let mut out = Vec::new();
+        for shard in &self.shards {
+            let inner = lock(&shard.0);
+            out.extend(
+                inner
+                    .objects
+                    .values()
+                    .filter(|o| o.name.starts_with(prefix))
+                    .cloned(),
+            );
+        }
         out.sort_by(|a, b| a.name.cmp(&b.name));
         out
     }
 
     pub fn len(&self) -> usize {
-        let inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        inner.objects.len()
+        self.shards.iter().map(|s| lock(&s.0).objects.len()).sum()
     }
 
     /// Creates or overwrites an object (a new generation, metageneration 1).
@@ -151,14 +185,11 @@ impl Store {
         pre: Preconditions,
     ) -> Result<Arc<StoredObject>, StoreError> {
         let now = self.now();
-        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        check(inner.objects.get(name).map(Arc::as_ref), pre, true)?;
-        self.throttle_check(&mut inner, name)?;
-        let generation = next_generation(&mut inner, now);
-        let name: Arc<str> = name.into();
-        let object = Arc::new(StoredObject {
-            name: name.clone(),
-            generation,
+        // Allocated before the lock, which is held only for the map.
+        let key: Arc<str> = name.into();
+        let mut object = Arc::new(StoredObject {
+            name: key.clone(),
+            generation: 0,
             metageneration: 1,
             created: now,
             updated: now,
@@ -167,7 +198,15 @@ impl Store {
             content_type,
             data,
         });
-        inner.objects.insert(name, object.clone());
+        let mut inner = self.shard(name);
+        check(inner.objects.get(name).map(Arc::as_ref), pre, true)?;
+        self.throttle_check(&mut inner, name)?;
+        if let Some(o) = Arc::get_mut(&mut object) {
+            o.generation = next_generation(&mut inner, now);
+        }
+        let replaced = inner.objects.insert(key, object.clone());
+        drop(inner);
+        drop(replaced);
         Ok(object)
     }
 
@@ -179,7 +218,7 @@ impl Store {
         pre: Preconditions,
     ) -> Result<Arc<StoredObject>, StoreError> {
         let now = self.now();
-        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let mut inner = self.shard(name);
         check(inner.objects.get(name).map(Arc::as_ref), pre, false)?;
         self.throttle_check(&mut inner, name)?;
         let entry = inner.objects.get_mut(name).ok_or(StoreError::NotFound)?;
@@ -192,10 +231,13 @@ impl Store {
     }
 
     pub fn delete(&self, name: &str, pre: Preconditions) -> Result<(), StoreError> {
-        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let mut inner = self.shard(name);
         check(inner.objects.get(name).map(Arc::as_ref), pre, false)?;
         self.throttle_check(&mut inner, name)?;
-        inner.objects.remove(name);
+        let removed = inner.objects.remove(name);
+        // Freed after the lock.
+        drop(inner);
+        drop(removed);
         Ok(())
     }
 
@@ -217,6 +259,10 @@ impl Store {
         inner.last_mutation.insert(name.to_owned(), now);
         Ok(())
     }
+}
+
+fn lock(shard: &Mutex<Inner>) -> MutexGuard<'_, Inner> {
+    shard.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Generations are unique per name and, as on GCS, microsecond-clock-like and increasing.
@@ -408,5 +454,45 @@ mod tests {
         assert_eq!(p.metadata.get("a"), None);
         assert_eq!(p.metadata.get("b"), Some("2"));
         assert_eq!(p.metadata.get("c"), Some("3"));
+    }
+
+    #[test]
+    fn shards_are_one_store_to_readers() {
+        let store = Store::default();
+        let names: Vec<String> = (0..100).map(|i| format!("n{i:03}")).collect();
+        for name in &names {
+            insert(&store, name, gen_match(0)).unwrap();
+        }
+        assert_eq!(store.len(), 100);
+        let listed: Vec<String> = store
+            .list("n0")
+            .iter()
+            .map(|o| o.name.to_string())
+            .collect();
+        assert_eq!(listed, names[..100].to_vec(), "sorted across shards");
+        assert_eq!(store.list("n05").len(), 10);
+    }
+
+    #[test]
+    fn every_operation_counts_refused_ones_too() {
+        let store = Store::default();
+        let a = insert(&store, "k", gen_match(0)).unwrap();
+        assert!(insert(&store, "k", gen_match(0)).is_err());
+        assert_eq!(store.get("missing"), Err(StoreError::NotFound));
+        store.delete("k", gen_match(a.generation)).unwrap();
+        assert_eq!(store.len(), 0, "len is no operation");
+        assert_eq!(store.operations(), 4);
+    }
+
+    #[test]
+    fn a_name_created_again_gets_a_later_generation() {
+        let store = Store::default();
+        let mut last = 0;
+        for _ in 0..1000 {
+            let a = insert(&store, "k", gen_match(0)).unwrap();
+            assert!(a.generation > last);
+            last = a.generation;
+            store.delete("k", gen_match(a.generation)).unwrap();
+        }
     }
 }

@@ -73,10 +73,11 @@ impl Inbox {
     }
 
     /// Leaves a new lease for the driver; whether the driver must be woken (or started) to
-    /// take it in time.
+    /// take it in time. `now` may be a little late (the acquisition's send time, read
+    /// anyway): that errs towards a wake-up.
     #[must_use]
-    pub(crate) fn post(&self, id: u64, lease: Lease) -> bool {
-        self.put(id, |items| {
+    pub(crate) fn post(&self, id: u64, lease: Lease, now: Instant) -> bool {
+        self.put(id, now, |items| {
             items.leases.insert(id, lease);
         })
     }
@@ -85,10 +86,10 @@ impl Inbox {
     /// woken to forget it in time.
     #[must_use]
     pub(crate) fn post_released(&self, id: u64) -> bool {
-        self.put(id, |items| items.released.push(id))
+        self.put(id, Instant::now(), |items| items.released.push(id))
     }
 
-    fn put(&self, id: u64, put: impl FnOnce(&mut Items)) -> bool {
+    fn put(&self, id: u64, now: Instant, put: impl FnOnce(&mut Items)) -> bool {
         let first = {
             let mut items = lock(self.shard(id));
             let first = items.is_empty();
@@ -98,7 +99,7 @@ impl Inbox {
         // Something behind another item of its shard is covered by the wake-up that one
         // arranged, unless the driver is gone.
         let looks_by = self.looks_by.load(Ordering::Acquire);
-        looks_by == NO_DRIVER || (first && looks_by > since_origin(Instant::now() + TICK))
+        looks_by == NO_DRIVER || (first && looks_by > since_origin(now + TICK))
     }
 
     /// Takes back lease `id` if the driver has not taken it. The caller drops it, after the
@@ -170,8 +171,11 @@ mod tests {
     fn without_a_driver_every_post_asks_for_one() {
         let client = Client::new(MemoryBackend::new());
         let inbox = Inbox::new();
-        assert!(inbox.post(1, lease(&client, 1)));
-        assert!(inbox.post(2, lease(&client, 2)), "not first in its shard");
+        assert!(inbox.post(1, lease(&client, 1), Instant::now()));
+        assert!(
+            inbox.post(2, lease(&client, 2), Instant::now()),
+            "not first in its shard"
+        );
         assert!(inbox.post_released(3));
     }
 
@@ -180,26 +184,33 @@ mod tests {
         let client = Client::new(MemoryBackend::new());
         let inbox = Inbox::new();
         inbox.set_looks_by(since_origin(Instant::now() + Duration::from_secs(10)));
-        assert!(inbox.post(1, lease(&client, 1)));
+        assert!(inbox.post(1, lease(&client, 1), Instant::now()));
         assert!(
-            !inbox.post(2, lease(&client, 2)),
+            !inbox.post(2, lease(&client, 2), Instant::now()),
             "covered by the first's wake-up"
         );
-        assert!(inbox.post(2048, lease(&client, 2048)), "another shard");
+        assert!(
+            inbox.post(2048, lease(&client, 2048), Instant::now()),
+            "another shard"
+        );
         inbox.set_looks_by(AWAKE);
         assert!(inbox.post_released(4096), "awake, undecided");
         let empty_shard = 5 << 10;
         inbox.set_looks_by(since_origin(Instant::now()));
-        assert!(!inbox.post(empty_shard, lease(&client, empty_shard)));
+        assert!(!inbox.post(empty_shard, lease(&client, empty_shard), Instant::now()));
         inbox.no_driver();
-        assert!(inbox.post(empty_shard + 1, lease(&client, empty_shard + 1)));
+        assert!(inbox.post(
+            empty_shard + 1,
+            lease(&client, empty_shard + 1),
+            Instant::now()
+        ));
     }
 
     #[test]
     fn a_lease_is_taken_back_once_and_the_shards_empty() {
         let client = Client::new(MemoryBackend::new());
         let inbox = Inbox::new();
-        let _ = inbox.post(7, lease(&client, 7));
+        let _ = inbox.post(7, lease(&client, 7), Instant::now());
         assert!(!inbox.is_empty());
         assert!(inbox.take(7).is_some());
         assert!(inbox.take(7).is_none());
@@ -211,7 +222,7 @@ mod tests {
     fn the_driver_swaps_full_shards_only() {
         let client = Client::new(MemoryBackend::new());
         let inbox = Inbox::new();
-        let _ = inbox.post(1, lease(&client, 1));
+        let _ = inbox.post(1, lease(&client, 1), Instant::now());
         let _ = inbox.post_released(9);
         let mut items = Items::default();
         let swapped: Vec<usize> = (0..inbox.shard_count())
