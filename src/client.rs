@@ -432,6 +432,9 @@ impl Client {
         // Wait mode: whether we saw another holder, and are taking a second look at its absence.
         let mut seen_held = throttled;
         let mut confirming = false;
+        // Wait mode: when the last read that found the lock held was sent. The next look comes
+        // no later than a poll cap after it (the cap bounds a waiter's hand-over).
+        let mut held_look: Option<Instant> = None;
         // Wait mode, backend throttling: since when, and for how long, the lock must be seen
         // absent before we create.
         let mut absent: Option<(Instant, Duration)> = None;
@@ -490,6 +493,7 @@ impl Client {
                 }
                 Step::Inspect => {
                     let a = self.call(|| backend.inspect(&name), true).await;
+                    let sent = a.first_sent;
                     let reply = a.result.map_err(|e| self.failure(e))?;
                     let server_now = reply.server_time().unwrap_or_else(SystemTime::now);
                     let Some(state) = reply.into_value() else {
@@ -522,11 +526,15 @@ impl Client {
                             // A waiter that saw the lock go: wait a random moment and look
                             // again, so that of many waiters one creates and the others read
                             // the new holder, instead of all sending creates at once.
+                            // The moment comes out of the poll cap, not on top of it.
                             confirming = true;
-                            let pause = jitter(cfg.poll.min());
                             if let Contention::WaitUntil(deadline) = contention {
-                                let left = deadline.saturating_duration_since(Instant::now());
-                                Box::pin(tokio::time::sleep(pause.min(left))).await;
+                                let mut until =
+                                    deadline.min(Instant::now() + jitter(cfg.poll.min()));
+                                if let Some(look) = held_look {
+                                    until = until.min(look + cfg.poll.max());
+                                }
+                                Box::pin(tokio::time::sleep_until(until.into())).await;
                             }
                             continue;
                         }
@@ -577,8 +585,10 @@ impl Client {
                                     step = Step::Create;
                                     continue;
                                 }
-                                let delay = polls.next_delay().min(deadline - now);
-                                Box::pin(tokio::time::sleep(delay)).await;
+                                // Counted from this read's send: reads are at most a cap apart.
+                                held_look = Some(sent);
+                                let next = (sent + polls.next_delay()).min(deadline);
+                                Box::pin(tokio::time::sleep_until(next.into())).await;
                                 if self.inner.shut.load(Ordering::SeqCst) {
                                     return Err(Error::ShutDown);
                                 }
@@ -983,6 +993,11 @@ impl ClientBuilder {
     }
 
     /// How [`Client::acquire`] polls a held lock (default 50 ms to 1 s, multiplier 3).
+    ///
+    /// Reads of a lock held elsewhere are sent at most the backoff's maximum apart (counted
+    /// from send to send), and a waiter that sees the lock go creates it within that maximum of
+    /// its last read that found it held (plus the requests' round trips): the maximum bounds
+    /// how long a released lock stays free before a waiter in another process takes it.
     pub fn poll(mut self, poll: Backoff) -> Self {
         self.poll = poll;
         self

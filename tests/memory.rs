@@ -546,3 +546,133 @@ async fn a_network_backend_is_not_polled_in_drop() {
     assert_eq!(backend.object_count(), 0, "the driver released it");
     assert_eq!(client.active_leases(), 0);
 }
+
+/// The in-memory backend, noting when each create was sent and each read answered (at once,
+/// in process), and whether a read found the lock held.
+#[derive(Debug)]
+struct Recording {
+    inner: MemoryBackend,
+    log: Arc<std::sync::Mutex<Vec<Sent>>>,
+}
+
+/// When, which method, and (for a read) whether it found the lock held.
+type Sent = (std::time::Instant, &'static str, bool);
+
+impl Recording {
+    fn note(&self, op: &'static str, held: bool) {
+        self.log
+            .lock()
+            .unwrap()
+            .push((std::time::Instant::now(), op, held));
+    }
+}
+
+impl Backend for Recording {
+    fn create<'a>(&'a self, name: &'a str, metadata: &'a Metadata) -> Written<'a> {
+        self.note("create", false);
+        self.inner.create(name, metadata)
+    }
+
+    fn inspect<'a>(
+        &'a self,
+        name: &'a str,
+    ) -> BoxFuture<'a, Result<Reply<Option<ObjectState>>, BackendError>> {
+        Box::pin(async move {
+            let reply = self.inner.inspect(name).await?;
+            self.note("inspect", reply.value().is_some());
+            Ok(reply)
+        })
+    }
+
+    fn takeover<'a>(
+        &'a self,
+        name: &'a str,
+        expected: Version,
+        metadata: &'a Metadata,
+    ) -> Written<'a> {
+        self.inner.takeover(name, expected, metadata)
+    }
+
+    fn refresh<'a>(
+        &'a self,
+        name: &'a str,
+        expected: Version,
+        metadata: &'a Metadata,
+    ) -> Written<'a> {
+        self.inner.refresh(name, expected, metadata)
+    }
+
+    fn release<'a>(
+        &'a self,
+        name: &'a str,
+        expected: Version,
+    ) -> BoxFuture<'a, Result<Reply<()>, BackendError>> {
+        self.inner.release(name, expected)
+    }
+}
+
+/// A waiter in another process (another client) reads again at most a poll cap after a read
+/// that found the lock held, and the random second look it takes before creating comes out of
+/// that cap, not on top of it: its create follows its last "held" read within the cap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_remote_waiter_creates_within_a_poll_cap_of_its_last_held_read() {
+    use std::time::{Duration, Instant};
+    // The second look's random moment is up to the poll minimum: most of one minimum over the
+    // cap before, so five trials all within the slack would be chance (about 1 in 700).
+    const MIN: Duration = Duration::from_millis(150);
+    const CAP: Duration = Duration::from_millis(200);
+    const SLACK: Duration = Duration::from_millis(40);
+    let backend = MemoryBackend::new();
+    let holder = dimutex::Client::new(backend.clone());
+    for trial in 0..5 {
+        let log = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let waiter = dimutex::Client::builder(Recording {
+            inner: backend.clone(),
+            log: log.clone(),
+        })
+        .poll(dimutex::Backoff::new(MIN, CAP, 3.0).unwrap())
+        .build()
+        .unwrap();
+        let key = format!("remote-{trial}");
+        let guard = holder.try_acquire(key.as_str()).await.unwrap();
+        let waiting = tokio::spawn({
+            let key = key.clone();
+            async move {
+                let guard = waiter
+                    .acquire(key.as_str(), Instant::now() + Duration::from_secs(10))
+                    .await
+                    .unwrap();
+                assert!(guard.release().await.unwrap());
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(600 + 37 * trial)).await;
+        assert!(guard.release().await.unwrap());
+        waiting.await.unwrap();
+        let log = log.lock().unwrap();
+        let held: Vec<Instant> = log
+            .iter()
+            .filter(|(_, op, held)| *op == "inspect" && *held)
+            .map(|(at, ..)| *at)
+            .collect();
+        assert!(held.len() >= 2, "trial {trial}: the waiter polled: {log:?}");
+        for pair in held.windows(2) {
+            assert!(
+                pair[1] - pair[0] <= CAP + SLACK,
+                "trial {trial}: reads {:?} apart",
+                pair[1] - pair[0]
+            );
+        }
+        let last_held = *held.last().unwrap();
+        let create = log
+            .iter()
+            .rev()
+            .find(|(_, op, _)| *op == "create")
+            .map(|(at, ..)| *at)
+            .unwrap();
+        assert!(
+            create > last_held && create - last_held <= CAP + SLACK,
+            "trial {trial}: the create came {:?} after the last read that found the lock held",
+            create.saturating_duration_since(last_held)
+        );
+    }
+}
