@@ -5,7 +5,7 @@
 //!
 //! ```text
 //! cargo build --release --example profile_layer
-//! target/release/examples/profile_layer layer 300      # or: bare 300
+//! target/release/examples/profile_layer layer 300      # or: bare 300, hot 300
 //! target/release/examples/profile_layer layer 3000 multi  # on a multi-thread runtime
 //! valgrind --tool=callgrind target/release/examples/profile_layer layer 300
 //! ```
@@ -44,12 +44,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         Some(n) => n.parse()?,
         None => 3000,
     };
-    let layered = match variant.as_str() {
-        "layer" => true,
-        "bare" => false,
+    // `hot`: the layer, every request for a key this process holds (the 409 fast path).
+    let (layered, hot) = match variant.as_str() {
+        "layer" => (true, false),
+        "hot" => (true, true),
+        "bare" => (false, false),
         other => {
             return Err(format!(
-                "usage: profile_layer [layer|bare] [requests per task]; got {other:?}"
+                "usage: profile_layer [layer|hot|bare] [requests per task]; got {other:?}"
             )
             .into());
         }
@@ -69,6 +71,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         if layered {
             app = app.route_layer(LockLayer::new(client.clone(), FromPathParam::new("key")));
         }
+        let held = if hot {
+            Some(client.try_acquire("hot").await?)
+        } else {
+            None
+        };
+        let expect = if hot {
+            http::StatusCode::CONFLICT
+        } else {
+            http::StatusCode::OK
+        };
         let (started, allocations) = (Instant::now(), util::allocations());
         let cpu = util::self_cpu();
         let mut tasks = tokio::task::JoinSet::new();
@@ -76,10 +88,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             let app = app.clone();
             tasks.spawn(async move {
                 for i in 0..per_task {
-                    let request = http::Request::get(format!("/k/t{task}-{i}"))
-                        .body(axum::body::Body::empty())?;
+                    let uri = if hot {
+                        "/k/hot".to_owned()
+                    } else {
+                        format!("/k/t{task}-{i}")
+                    };
+                    let request = http::Request::get(uri).body(axum::body::Body::empty())?;
                     let response = app.clone().oneshot(request).await?;
-                    if response.status() != http::StatusCode::OK {
+                    if response.status() != expect {
                         return Err(format!("status {}", response.status()).into());
                     }
                     response.into_body().collect().await?;
@@ -91,6 +107,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         while let Some(done) = tasks.join_next().await {
             done.map_err(|e| e.to_string())?
                 .map_err(|e| e.to_string())?;
+        }
+        if let Some(held) = held {
+            held.release().await?;
         }
         while client.active_leases() > 0 {
             tokio::task::yield_now().await;

@@ -617,8 +617,7 @@ impl Client {
     /// How long the lock object `name` may stay held, if a healthy lease of this client
     /// holds it.
     pub(crate) fn held_here_for(&self, name: &str) -> Option<Duration> {
-        let lease = self.inner.local.healthy_holder(name)?;
-        Some(local::remaining(&lease, self.inner.config.margin()))
+        self.inner.local.held_for(name, self.inner.config.margin())
     }
 
     /// "Held" for a waiter whose deadline passed in the local queue.
@@ -1013,6 +1012,8 @@ impl ClientBuilder {
 
     /// Checks the configuration and builds the client.
     pub fn build(self) -> Result<Client, ConfigError> {
+        // Started before any of this client's leases: their times are all later.
+        lease::since_origin(Instant::now());
         key::validate_prefix(&self.prefix).map_err(|e| ConfigError(format!("prefix: {e}")))?;
         if self.ttl < MIN_TTL {
             return Err(ConfigError(format!(

@@ -3,7 +3,7 @@
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
 use std::time::Instant;
@@ -108,6 +108,11 @@ pub(crate) struct LeaseShared {
     /// its care. Whoever comes second of the two knows the other's part is done.
     stage: AtomicU8,
     notify: Notify,
+    /// `sent` of the last successful write + ttl − margin, in nanoseconds since the lease
+    /// clock's origin: past it, the lease is not ours any more. Outside `state`: a busy key's
+    /// health is read by every request for it, and a lock would be a write each time. It only
+    /// grows, and it is written with `state` locked.
+    deadline: AtomicU64,
     state: Mutex<LeaseState>,
 }
 
@@ -118,8 +123,6 @@ pub(crate) struct LeaseState {
     pub(crate) version: Version,
     /// When our last successful write was sent.
     pub(crate) sent: Instant,
-    /// `sent` + ttl − margin: past it, the lease is not ours any more.
-    pub(crate) deadline: Instant,
     /// The driver has a refresh in flight.
     pub(crate) refreshing: bool,
     /// Its release has begun (by the driver, or by `LockGuard::release` in the caller's task).
@@ -157,10 +160,10 @@ impl LeaseShared {
             lost: AtomicBool::new(false),
             stage: AtomicU8::new(0),
             notify: Notify::new(),
+            deadline: AtomicU64::new(lease::since_origin(deadline)),
             state: Mutex::new(LeaseState {
                 version,
                 sent,
-                deadline,
                 refreshing: false,
                 releasing: false,
                 gone: false,
@@ -190,7 +193,13 @@ impl LeaseShared {
     }
 
     pub(crate) fn deadline(&self) -> Instant {
-        self.state().deadline
+        lease::at_since_origin(self.deadline.load(Ordering::Relaxed))
+    }
+
+    /// Moves the deadline on after a refresh (with `state` locked by the caller).
+    pub(crate) fn set_deadline(&self, at: Instant) {
+        self.deadline
+            .store(lease::since_origin(at), Ordering::Relaxed);
     }
 
     pub(crate) fn key(&self) -> &LockKey {

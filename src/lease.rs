@@ -168,9 +168,15 @@ fn origin() -> Instant {
     *ORIGIN.get_or_init(Instant::now)
 }
 
-/// `t` in nanoseconds since [`origin`] (0 before it).
+/// `t` in nanoseconds since [`origin`] (0 before it: the client starts the clock when it is
+/// built, so its leases' times are all later).
 pub(crate) fn since_origin(t: Instant) -> u64 {
     t.saturating_duration_since(origin()).as_nanos() as u64
+}
+
+/// The instant `nanos` after [`origin`].
+pub(crate) fn at_since_origin(nanos: u64) -> Instant {
+    origin() + Duration::from_nanos(nanos)
 }
 
 /// `t` rounded down to the refresh grid.
@@ -484,7 +490,7 @@ impl Driver {
                     // Its guard is releasing it.
                     continue;
                 }
-                if now >= state.deadline {
+                if now >= shared.deadline() {
                     drop(state);
                     if !shared.is_lost() {
                         tracing::warn!(target: "dimutex", key_id = crate::key_id(shared.key()), "lease lost: no successful refresh before the local deadline");
@@ -493,7 +499,7 @@ impl Driver {
                     continue;
                 }
                 state.refreshing = true;
-                (state.version, state.deadline)
+                (state.version, shared.deadline())
             };
             let inner = entry.lease.client.clone();
             self.starting.push(Box::pin(async move {
@@ -573,7 +579,7 @@ impl Driver {
                 Refresh::Done { version, sent } => {
                     state.version = version;
                     state.sent = sent;
-                    state.deadline = sent + cfg.ttl - cfg.margin();
+                    shared.set_deadline(sent + cfg.ttl - cfg.margin());
                     tracing::trace!(target: "dimutex", key_id = crate::key_id(shared.key()), "refreshed");
                     Ok(on_grid(sent + cfg.refresh_interval))
                 }

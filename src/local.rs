@@ -83,6 +83,21 @@ impl Local {
             .map(|s| s.0.clone())
     }
 
+    /// How long the server may still see `name` as held by a healthy lease of this client
+    /// ([`remaining`]), if one holds it. The hot path of a busy key: one look under the
+    /// shard's lock, one read of the lease's state and of the clock, and no reference count
+    /// taken on a lease every worker thread reads.
+    pub(crate) fn held_for(&self, name: &str, margin: Duration) -> Option<Duration> {
+        let held = self.held(name);
+        let lease = &held.get(name)?.0;
+        if lease.is_lost() {
+            return None;
+        }
+        let left = lease.deadline().checked_duration_since(Instant::now())?;
+        // Healthy: strictly before its deadline.
+        (!left.is_zero()).then(|| left + margin + RULE_SECOND)
+    }
+
     /// Records `lease` as the holder of its object name (in place of an older one).
     pub(crate) fn insert(&self, lease: Arc<LeaseShared>) {
         self.held(lease.name()).replace(ByName(lease));
@@ -135,5 +150,57 @@ impl Drop for QueueTurn<'_> {
 /// The longest the server may still see a local lease as live: until its local deadline,
 /// plus the margin, plus the expiry rule's second.
 pub(crate) fn remaining(lease: &LeaseShared, margin: Duration) -> Duration {
-    lease.deadline().saturating_duration_since(Instant::now()) + margin + Duration::from_secs(1)
+    lease.deadline().saturating_duration_since(Instant::now()) + margin + RULE_SECOND
+}
+
+/// The expiry rule's second.
+const RULE_SECOND: Duration = Duration::from_secs(1);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::Version;
+    use crate::key::LockKey;
+
+    fn lease(name: &str, deadline: Instant) -> Arc<LeaseShared> {
+        let now = Instant::now();
+        Arc::new(LeaseShared::new(
+            1,
+            LockKey::new("k").unwrap(),
+            name.into(),
+            "test#1".into(),
+            Version::new(1, 1),
+            now,
+            deadline,
+        ))
+    }
+
+    #[test]
+    fn held_for_answers_for_a_healthy_holder_only() {
+        let margin = Duration::from_secs(3);
+        let local = Local::default();
+        assert_eq!(local.held_for("a", margin), None, "nobody holds it");
+
+        let healthy = lease("a", Instant::now() + Duration::from_secs(20));
+        local.insert(healthy.clone());
+        let left = local.held_for("a", margin).unwrap();
+        assert!(left > Duration::from_secs(23) && left <= Duration::from_secs(24));
+
+        healthy.mark_lost();
+        assert_eq!(local.held_for("a", margin), None, "lost");
+
+        let late = lease("b", Instant::now());
+        local.insert(late);
+        assert_eq!(local.held_for("b", margin), None, "at or past its deadline");
+    }
+
+    #[test]
+    fn a_refresh_moves_the_deadline_on() {
+        let at = Instant::now() + Duration::from_secs(1);
+        let shared = lease("a", at);
+        // Stored in nanoseconds since the lease clock's origin: exact to the nanosecond.
+        assert_eq!(shared.deadline(), at);
+        shared.set_deadline(at + Duration::from_secs(30));
+        assert_eq!(shared.deadline(), at + Duration::from_secs(30));
+    }
 }
