@@ -3,10 +3,10 @@
 use std::fmt;
 use std::future::Future;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
-use tokio::sync::{Notify, watch};
+use tokio::sync::watch;
 
 use crate::backend::{Backend, BackendError, BoxFuture, ObjectState, Reply};
 use crate::backoff::{Backoff, RetryPolicy};
@@ -17,6 +17,7 @@ use crate::key::{self, KeyError, LockKey};
 use crate::lease;
 use crate::local::{self, Local};
 use crate::object::{self, Verdict};
+use crate::signal::Signal;
 
 /// A source of wall-clock time.
 pub type WallClock = Arc<dyn Fn() -> SystemTime + Send + Sync>;
@@ -47,9 +48,9 @@ pub(crate) struct Inner {
     pub(crate) backend: Arc<dyn Backend>,
     pub(crate) config: Config,
     /// The number of leases held or still being released.
-    live: AtomicUsize,
-    /// Notified when `live` drops to zero.
-    drained: Notify,
+    live: lease::LiveLeases,
+    /// Notified when a shard of `live` drops to zero.
+    drained: Signal,
     /// Where new leases wait for the lease driver.
     pub(crate) inbox: Arc<lease::Inbox>,
     /// The lease driver of this client (started on the first acquisition, and again if the
@@ -229,7 +230,7 @@ impl Client {
     /// assert_eq!(client.active_leases(), 0);
     /// ```
     pub fn active_leases(&self) -> usize {
-        self.inner.live.load(Ordering::Acquire)
+        self.inner.live.total()
     }
 
     /// Takes the lock if it is free (or expired), without waiting.
@@ -305,7 +306,7 @@ impl Client {
         self.inner.shut.store(true, Ordering::SeqCst);
         self.inner.shutdown.send_replace(true);
         let inner = &self.inner;
-        let drained = lease::wait_until(&inner.drained, || inner.live.load(Ordering::Acquire) == 0);
+        let drained = inner.drained.wait_until(|| inner.live.total() == 0);
         if tokio::time::timeout(timeout, drained).await.is_ok() {
             Ok(())
         } else {
@@ -700,13 +701,13 @@ impl Inner {
             .clone()
     }
 
-    pub(crate) fn lease_opened(&self) {
-        self.live.fetch_add(1, Ordering::AcqRel);
+    pub(crate) fn lease_opened(&self, id: u64) {
+        self.live.opened(id);
     }
 
-    pub(crate) fn lease_closed(&self) {
-        if self.live.fetch_sub(1, Ordering::AcqRel) == 1 {
-            self.drained.notify_waiters();
+    pub(crate) fn lease_closed(&self, id: u64) {
+        if self.live.closed(id) {
+            self.drained.notify();
         }
     }
 
@@ -1061,8 +1062,8 @@ impl ClientBuilder {
             inner: Arc::new(Inner {
                 backend: self.backend,
                 config,
-                live: AtomicUsize::new(0),
-                drained: Notify::new(),
+                live: lease::LiveLeases::default(),
+                drained: Signal::default(),
                 inbox: Arc::new(lease::Inbox::new()),
                 driver: std::sync::Mutex::new(None),
                 shutdown: watch::Sender::new(false),

@@ -8,13 +8,14 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
 use std::time::Instant;
 
-use tokio::sync::{Notify, oneshot};
+use tokio::sync::oneshot;
 
 use crate::backend::Version;
 use crate::client::Inner;
 use crate::error::Error;
 use crate::key::LockKey;
 use crate::lease;
+use crate::signal::Signal;
 
 /// Where the lease driver sends the outcome of a release, if anyone waits for it.
 pub(crate) type ReleaseRequest = Option<oneshot::Sender<Result<bool, Error>>>;
@@ -107,7 +108,7 @@ pub(crate) struct LeaseShared {
     /// [`ENDED`] once its release has ended; [`WATCHED`] once the lease driver took it into
     /// its care. Whoever comes second of the two knows the other's part is done.
     stage: AtomicU8,
-    notify: Notify,
+    notify: Signal,
     /// `sent` of the last successful write + ttl − margin, in nanoseconds since the lease
     /// clock's origin: past it, the lease is not ours any more. Outside `state`: a busy key's
     /// health is read by every request for it, and a lock would be a write each time. It only
@@ -159,7 +160,7 @@ impl LeaseShared {
             token: FencingToken(version.generation()),
             lost: AtomicBool::new(false),
             stage: AtomicU8::new(0),
-            notify: Notify::new(),
+            notify: Signal::default(),
             deadline: AtomicU64::new(lease::since_origin(deadline)),
             state: Mutex::new(LeaseState {
                 version,
@@ -233,7 +234,7 @@ impl LeaseShared {
     /// Marks the lease lost (or ended) and wakes everyone waiting for that.
     pub(crate) fn mark_lost(&self) {
         self.lost.store(true, Ordering::Release);
-        self.notify.notify_waiters();
+        self.notify.notify();
     }
 
     /// Not lost, and the local deadline not passed.
@@ -244,7 +245,7 @@ impl LeaseShared {
     /// Resolves when the lease is lost or has ended.
     pub(crate) fn ended(self: &Arc<Self>) -> impl Future<Output = ()> + Send + Sync + 'static {
         let shared = self.clone();
-        async move { lease::wait_until(&shared.notify, || shared.is_lost()).await }
+        async move { shared.notify.wait_until(|| shared.is_lost()).await }
     }
 }
 

@@ -21,13 +21,13 @@ use std::collections::{BTreeSet, HashMap};
 use std::future::Future;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use futures_util::stream::{FuturesUnordered, StreamExt};
-use tokio::sync::{Notify, mpsc, watch};
+use tokio::sync::{mpsc, watch};
 
 use crate::backend::{BackendError, BoxFuture, Reply, Version};
 use crate::client::{Attempted, Inner, MUTATION_WINDOW};
@@ -57,7 +57,7 @@ pub(crate) struct Lease {
 
 impl Lease {
     pub(crate) fn new(client: Arc<Inner>, shared: Arc<LeaseShared>) -> Self {
-        client.lease_opened();
+        client.lease_opened(shared.id());
         Self { client, shared }
     }
 }
@@ -68,10 +68,47 @@ impl Drop for Lease {
     }
 }
 
+/// The length of a thread's block of lease ids.
+const BLOCK: u64 = 1024;
+
+/// How many ways per-lease bookkeeping is sharded by lease id ([`id_shard`]).
+pub(crate) const ID_SHARDS: usize = 16;
+
+/// The shard of lease `id`: one per block of ids, so a thread's leases share a shard and
+/// the threads of a busy server mostly write shards of their own.
+pub(crate) fn id_shard(id: u64) -> usize {
+    (id / BLOCK) as usize % ID_SHARDS
+}
+
+/// The number of a client's leases held or still being released, counted in and out in
+/// the shard of the lease's id (one atomic for all would be a cache line every worker thread
+/// writes twice a request).
+#[derive(Default)]
+pub(crate) struct LiveLeases([LiveShard; ID_SHARDS]);
+
+#[derive(Default)]
+#[repr(align(128))]
+struct LiveShard(AtomicUsize);
+
+impl LiveLeases {
+    pub(crate) fn opened(&self, id: u64) {
+        self.0[id_shard(id)].0.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Whether the lease's shard is now empty (the total may be zero: worth a look).
+    #[must_use]
+    pub(crate) fn closed(&self, id: u64) -> bool {
+        self.0[id_shard(id)].0.fetch_sub(1, Ordering::AcqRel) == 1
+    }
+
+    pub(crate) fn total(&self) -> usize {
+        self.0.iter().map(|s| s.0.load(Ordering::Acquire)).sum()
+    }
+}
+
 /// A lease id, unique in this process. Threads take ids from the shared counter in blocks, so
 /// acquisitions on different threads do not write one cache line.
 pub(crate) fn next_id() -> u64 {
-    const BLOCK: u64 = 1024;
     static NEXT_BLOCK: AtomicU64 = AtomicU64::new(0);
     thread_local! {
         /// The next id of this thread's block, and the block's end.
@@ -103,7 +140,7 @@ fn uncount(inner: &Inner, shared: &LeaseShared) -> bool {
                 // inbox's leases are dropped outside its locks.)
                 drop(inner.inbox.take(shared.id()));
             }
-            inner.lease_closed();
+            inner.lease_closed(shared.id());
             watched
         }
         None => false,
@@ -603,20 +640,6 @@ impl Driver {
     }
 }
 
-/// Resolves once `done()` holds, checking again each time `notify` wakes its waiters.
-pub(crate) async fn wait_until(notify: &Notify, done: impl Fn() -> bool) {
-    loop {
-        let notified = notify.notified();
-        tokio::pin!(notified);
-        // Registered before the check, so a wake-up in between is not missed.
-        notified.as_mut().enable();
-        if done() {
-            return;
-        }
-        notified.await;
-    }
-}
-
 /// The next command, or `None` once every sender is gone.
 async fn recv(commands: &mut Option<mpsc::UnboundedReceiver<Command>>) -> Option<Command> {
     match commands {
@@ -933,6 +956,23 @@ mod tests {
             assert!(t - g < TICK);
             assert_eq!(on_grid(g), g);
         }
+    }
+
+    #[test]
+    fn live_leases_count_in_and_out_by_shard() {
+        let live = LiveLeases::default();
+        let (a, b, c) = (1, 2, BLOCK * 3);
+        assert_eq!(id_shard(a), id_shard(b), "one block, one shard");
+        assert_ne!(id_shard(a), id_shard(c));
+        for id in [a, b, c] {
+            live.opened(id);
+        }
+        assert_eq!(live.total(), 3);
+        assert!(!live.closed(a), "b is left in its shard");
+        assert!(live.closed(c), "its shard is empty");
+        assert_eq!(live.total(), 1);
+        assert!(live.closed(b));
+        assert_eq!(live.total(), 0);
     }
 
     /// On a current-thread runtime the driver cannot run before the test yields: the lease

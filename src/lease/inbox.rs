@@ -22,7 +22,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
-use super::{IdHasher, Lease, TICK, since_origin};
+use super::{ID_SHARDS, IdHasher, Lease, TICK, id_shard, since_origin};
 
 /// [`Inbox::looks_by`]: no driver runs on this inbox (none started yet, or its runtime
 /// stopped). Every post asks for one.
@@ -31,10 +31,8 @@ const NO_DRIVER: u64 = u64::MAX;
 /// [`Inbox::looks_by`]: the driver is awake and has not decided when it sleeps until.
 pub(super) const AWAKE: u64 = u64::MAX - 1;
 
-const SHARDS: usize = 16;
-
 pub(crate) struct Inbox {
-    shards: [Shard; SHARDS],
+    shards: [Shard; ID_SHARDS],
     /// By when the driver will next empty the inbox without being told, in nanoseconds since
     /// the lease clock's origin; [`AWAKE`] or [`NO_DRIVER`] when it is not sure to.
     looks_by: AtomicU64,
@@ -68,8 +66,7 @@ impl Inbox {
     }
 
     fn shard(&self, id: u64) -> &Mutex<Items> {
-        // A thread's block of ids is 1024 long: one shard per block.
-        &self.shards[(id >> 10) as usize % SHARDS].0
+        &self.shards[id_shard(id)].0
     }
 
     /// Leaves a new lease for the driver; whether the driver must be woken (or started) to
@@ -120,7 +117,7 @@ impl Inbox {
     }
 
     pub(super) fn shard_count(&self) -> usize {
-        SHARDS
+        ID_SHARDS
     }
 
     pub(super) fn is_empty(&self) -> bool {
