@@ -5,10 +5,11 @@
 //! every wake-up; it is woken for that only when it would not otherwise wake within a
 //! [`TICK`] (a lease needs nothing from the driver before its first refresh, at least a
 //! quarter of the refresh interval later), so a busy client does not wake it per
-//! acquisition, and a lease released before the driver looked never reaches it. The driver keeps one timer for all its leases: each lease has exactly one
-//! wake-up in a sorted set (its next refresh, or its local deadline if that comes first), and
-//! refresh times are rounded down to a grid of [`TICK`], so the refreshes of many leases go
-//! out together. Refreshes and releases run concurrently inside the driver task.
+//! acquisition, and a lease released before the driver looked never reaches it. The driver
+//! keeps one timer for all its leases: each lease has exactly one wake-up in a sorted set (its
+//! next refresh, or its local deadline if that comes first), and refresh times are rounded
+//! down to a grid of [`TICK`], so the refreshes of many leases go out together. Refreshes and
+//! releases run concurrently inside the driver task.
 //!
 //! A dropped guard sends [`Command::Release`] (only a message: `Drop` does no work of its
 //! own), unless the backend answers at once ([`release_on_drop`]).
