@@ -3,7 +3,7 @@
 use std::fmt;
 use std::future::Future;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use tokio::sync::watch;
@@ -48,8 +48,8 @@ pub(crate) struct Inner {
     pub(crate) backend: Arc<dyn Backend>,
     pub(crate) config: Config,
     /// The number of leases held or still being released.
-    live: lease::LiveLeases,
-    /// Notified when a shard of `live` drops to zero.
+    live: AtomicUsize,
+    /// Notified when `live` drops to zero.
     drained: Signal,
     /// Where new leases wait for the lease driver.
     pub(crate) inbox: Arc<lease::Inbox>,
@@ -230,7 +230,7 @@ impl Client {
     /// assert_eq!(client.active_leases(), 0);
     /// ```
     pub fn active_leases(&self) -> usize {
-        self.inner.live.total()
+        self.inner.live.load(Ordering::Acquire)
     }
 
     /// Takes the lock if it is free (or expired), without waiting.
@@ -306,7 +306,9 @@ impl Client {
         self.inner.shut.store(true, Ordering::SeqCst);
         self.inner.shutdown.send_replace(true);
         let inner = &self.inner;
-        let drained = inner.drained.wait_until(|| inner.live.total() == 0);
+        let drained = inner
+            .drained
+            .wait_until(|| inner.live.load(Ordering::Acquire) == 0);
         if tokio::time::timeout(timeout, drained).await.is_ok() {
             Ok(())
         } else {
@@ -586,9 +588,13 @@ impl Client {
                                     step = Step::Create;
                                     continue;
                                 }
-                                // Counted from this read's send: reads are at most a cap apart.
+                                // Counted from this read's send, so reads are at most a cap
+                                // apart; but no sooner than the poll minimum after its answer,
+                                // so a slow backend is not read back to back.
                                 held_look = Some(sent);
-                                let next = (sent + polls.next_delay()).min(deadline);
+                                let next = (sent + polls.next_delay())
+                                    .max(Instant::now() + cfg.poll.min())
+                                    .min(deadline);
                                 Box::pin(tokio::time::sleep_until(next.into())).await;
                                 if self.inner.shut.load(Ordering::SeqCst) {
                                     return Err(Error::ShutDown);
@@ -701,12 +707,12 @@ impl Inner {
             .clone()
     }
 
-    pub(crate) fn lease_opened(&self, id: u64) {
-        self.live.opened(id);
+    pub(crate) fn lease_opened(&self) {
+        self.live.fetch_add(1, Ordering::AcqRel);
     }
 
-    pub(crate) fn lease_closed(&self, id: u64) {
-        if self.live.closed(id) {
+    pub(crate) fn lease_closed(&self) {
+        if self.live.fetch_sub(1, Ordering::AcqRel) == 1 {
             self.drained.notify();
         }
     }
@@ -995,9 +1001,11 @@ impl ClientBuilder {
     /// How [`Client::acquire`] polls a held lock (default 50 ms to 1 s, multiplier 3).
     ///
     /// Reads of a lock held elsewhere are sent at most the backoff's maximum apart (counted
-    /// from send to send), and a waiter that sees the lock go creates it within that maximum of
-    /// its last read that found it held (plus the requests' round trips): the maximum bounds
-    /// how long a released lock stays free before a waiter in another process takes it.
+    /// from send to send; at least the minimum after the previous answer, should a read take
+    /// longer than the difference), and a waiter that sees the lock go creates it within that
+    /// maximum of its last read that found it held (plus the requests' round trips): the
+    /// maximum bounds how long a released lock stays free before a waiter in another process
+    /// takes it.
     pub fn poll(mut self, poll: Backoff) -> Self {
         self.poll = poll;
         self
@@ -1062,7 +1070,7 @@ impl ClientBuilder {
             inner: Arc::new(Inner {
                 backend: self.backend,
                 config,
-                live: lease::LiveLeases::default(),
+                live: AtomicUsize::new(0),
                 drained: Signal::default(),
                 inbox: Arc::new(lease::Inbox::new()),
                 driver: std::sync::Mutex::new(None),

@@ -22,7 +22,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::future::Future;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -58,7 +58,7 @@ pub(crate) struct Lease {
 
 impl Lease {
     pub(crate) fn new(client: Arc<Inner>, shared: Arc<LeaseShared>) -> Self {
-        client.lease_opened(shared.id());
+        client.lease_opened();
         Self { client, shared }
     }
 }
@@ -72,39 +72,13 @@ impl Drop for Lease {
 /// The length of a thread's block of lease ids.
 const BLOCK: u64 = 1024;
 
-/// How many ways per-lease bookkeeping is sharded by lease id ([`id_shard`]).
+/// How many ways the inbox is sharded by lease id ([`id_shard`]).
 pub(crate) const ID_SHARDS: usize = 16;
 
 /// The shard of lease `id`: one per block of ids, so a thread's leases share a shard and
 /// the threads of a busy server mostly write shards of their own.
 pub(crate) fn id_shard(id: u64) -> usize {
     (id / BLOCK) as usize % ID_SHARDS
-}
-
-/// The number of a client's leases held or still being released, counted in and out in
-/// the shard of the lease's id (one atomic for all would be a cache line every worker thread
-/// writes twice a request).
-#[derive(Default)]
-pub(crate) struct LiveLeases([LiveShard; ID_SHARDS]);
-
-#[derive(Default)]
-#[repr(align(128))]
-struct LiveShard(AtomicUsize);
-
-impl LiveLeases {
-    pub(crate) fn opened(&self, id: u64) {
-        self.0[id_shard(id)].0.fetch_add(1, Ordering::AcqRel);
-    }
-
-    /// Whether the lease's shard is now empty (the total may be zero: worth a look).
-    #[must_use]
-    pub(crate) fn closed(&self, id: u64) -> bool {
-        self.0[id_shard(id)].0.fetch_sub(1, Ordering::AcqRel) == 1
-    }
-
-    pub(crate) fn total(&self) -> usize {
-        self.0.iter().map(|s| s.0.load(Ordering::Acquire)).sum()
-    }
 }
 
 /// A lease id, unique in this process. Threads take ids from the shared counter in blocks, so
@@ -141,7 +115,7 @@ fn uncount(inner: &Inner, shared: &LeaseShared) -> bool {
                 // inbox's leases are dropped outside its locks.)
                 drop(inner.inbox.take(shared.id()));
             }
-            inner.lease_closed(shared.id());
+            inner.lease_closed();
             watched
         }
         None => false,
@@ -319,10 +293,31 @@ struct Driver {
 }
 
 impl Drop for Driver {
+    /// The runtime stopped (or the client is gone). The leases in its care, and those whose
+    /// release was asked of it, will not be refreshed or released: they are ended, and their
+    /// lost signals fired, so that no later driver takes them up and no guard believes in
+    /// them.
     fn drop(&mut self) {
-        // Closed first: whoever reads "no driver" finds the handle closed, and starts one.
-        self.commands = None;
+        if let Some(mut rx) = self.commands.take() {
+            // Closed first: whoever reads "no driver" finds the handle closed, and starts one.
+            rx.close();
+            while let Ok(command) = rx.try_recv() {
+                if let Command::Release { id, .. } = command {
+                    // Still in the inbox: never adopted. (The reply is dropped: "shut down".)
+                    if let Some(lease) = self.inbox.take(id) {
+                        abandoned(&lease.client, &lease.shared);
+                    }
+                }
+            }
+        }
         self.inbox.no_driver();
+        for (_, entry) in self.leases.drain() {
+            let lease = &entry.lease;
+            if !lease.shared.is_lost() {
+                tracing::warn!(target: "dimutex", key_id = crate::key_id(lease.shared.key()), "lease lost: the runtime of the lease driver stopped");
+            }
+            abandoned(&lease.client, &lease.shared);
+        }
     }
 }
 
@@ -707,15 +702,27 @@ pub(crate) fn release_on_drop(inner: Arc<Inner>, shared: &Arc<LeaseShared>) {
 }
 
 /// Asks the driver to release the lease. Refused only if the driver is gone (its runtime
-/// stopped): the lease then expires.
-fn release_by_driver(inner: &Inner, shared: &LeaseShared) {
-    if let Some(driver) = inner.driver() {
-        driver.release(shared.id(), None);
+/// stopped): the lease then expires, and it is ended here, so that no later driver takes it
+/// up (it may still wait in the client's inbox).
+fn release_by_driver(inner: &Inner, shared: &Arc<LeaseShared>) {
+    let sent = inner
+        .driver()
+        .is_some_and(|driver| driver.release(shared.id(), None));
+    if !sent {
+        abandoned(inner, shared);
     }
 }
 
+/// Ends a lease nobody will release or refresh any more (its driver is gone): off the local
+/// map and the live count, out of the inbox, and its lost signal fired. It expires on the
+/// server.
+fn abandoned(inner: &Inner, shared: &Arc<LeaseShared>) {
+    // Whether a driver had it does not matter: that driver is gone.
+    let _ = ended(inner, shared, &Err(Error::ShutDown));
+}
+
 /// A release a guard began, dropped half-way: the driver does it over.
-fn hand_back(inner: &Inner, shared: &LeaseShared) {
+fn hand_back(inner: &Inner, shared: &Arc<LeaseShared>) {
     shared.state().releasing = false;
     release_by_driver(inner, shared);
 }
@@ -753,7 +760,8 @@ pub(crate) async fn release_from_guard(
                 .driver()
                 .is_some_and(|driver| driver.release(shared.id(), Some(tx)));
             if !sent {
-                // The driver is gone: its runtime stopped.
+                // The driver is gone (its runtime stopped), and the lease with it.
+                abandoned(inner, shared);
                 return Err(Error::ShutDown);
             }
             // No answer: the client was shut down and released the lease already.
@@ -775,7 +783,7 @@ pub(crate) async fn release_from_guard(
 /// Gives a release begun by a guard back to the driver if it is dropped before the end.
 struct Handover<'a> {
     inner: &'a Inner,
-    shared: &'a LeaseShared,
+    shared: &'a Arc<LeaseShared>,
     armed: bool,
 }
 
@@ -957,23 +965,6 @@ mod tests {
             assert!(t - g < TICK);
             assert_eq!(on_grid(g), g);
         }
-    }
-
-    #[test]
-    fn live_leases_count_in_and_out_by_shard() {
-        let live = LiveLeases::default();
-        let (a, b, c) = (1, 2, BLOCK * 3);
-        assert_eq!(id_shard(a), id_shard(b), "one block, one shard");
-        assert_ne!(id_shard(a), id_shard(c));
-        for id in [a, b, c] {
-            live.opened(id);
-        }
-        assert_eq!(live.total(), 3);
-        assert!(!live.closed(a), "b is left in its shard");
-        assert!(live.closed(c), "its shard is empty");
-        assert_eq!(live.total(), 1);
-        assert!(live.closed(b));
-        assert_eq!(live.total(), 0);
     }
 
     /// On a current-thread runtime the driver cannot run before the test yields: the lease

@@ -251,6 +251,69 @@ fn a_client_outliving_its_runtime_starts_a_new_driver() {
     });
 }
 
+/// A guard dropped after the runtime of its lease's driver stopped, before any driver took the
+/// lease: nobody can release it, so it is ended there (it expires on the server), and the
+/// next runtime's driver does not take it up and refresh it for ever.
+#[test]
+fn a_lease_whose_driver_is_gone_is_not_taken_up_by_the_next_one() {
+    use std::time::{Duration, Instant};
+    let runtime = || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+    };
+    let ttl = Duration::from_secs(2);
+    let backend = MemoryBackend::new();
+    let client = dimutex::Client::builder(backend.clone())
+        .ttl(ttl)
+        .build()
+        .unwrap();
+    let first = runtime();
+    let guard = first.block_on(client.try_acquire("k")).unwrap();
+    drop(first);
+    // Outside any runtime, and its driver gone.
+    drop(guard);
+    assert_eq!(client.active_leases(), 0, "ended at the drop");
+    runtime().block_on(async {
+        // Starts another driver.
+        let other = client.try_acquire("other").await.unwrap();
+        let second = dimutex::Client::builder(backend.clone())
+            .ttl(ttl)
+            .build()
+            .unwrap();
+        let taken = second
+            .acquire("k", Instant::now() + ttl * 3)
+            .await
+            .expect("nobody refreshes k: it expires");
+        assert!(taken.release().await.unwrap());
+        assert!(other.release().await.unwrap());
+        assert_eq!(client.active_leases(), 0);
+    });
+}
+
+/// A lease whose driver's runtime stops while its guard lives is no longer refreshed: its
+/// lost signal fires then, not silently at its deadline.
+#[test]
+fn a_lease_whose_driver_stops_is_signalled_lost() {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let client = dimutex::Client::new(MemoryBackend::new());
+    let guard = rt.block_on(async {
+        let guard = client.try_acquire("k").await.unwrap();
+        // The driver takes it into its care.
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        assert!(guard.is_healthy());
+        guard
+    });
+    drop(rt);
+    assert!(!guard.is_healthy(), "lost with its driver");
+    assert_eq!(client.active_leases(), 0);
+    drop(guard);
+}
+
 /// Leases taken in bursts (most of them handed to the lease driver without waking it) are
 /// all refreshed: after more than a ttl every one is still healthy.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
