@@ -6,7 +6,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
 
@@ -239,7 +239,31 @@ impl LeaseShared {
 
     /// Not lost, and the local deadline not passed.
     pub(crate) fn is_healthy(&self) -> bool {
-        !self.is_lost() && Instant::now() < self.deadline()
+        self.healthy_for().is_some()
+    }
+
+    /// How long until the local deadline, if the lease is healthy (not lost, and strictly
+    /// before that deadline).
+    pub(crate) fn healthy_for(&self) -> Option<Duration> {
+        if self.is_lost() {
+            return None;
+        }
+        let left = self.deadline().checked_duration_since(Instant::now())?;
+        (!left.is_zero()).then_some(left)
+    }
+
+    /// A lease for unit tests: object `name`, lease `id`, local `deadline`.
+    #[cfg(test)]
+    pub(crate) fn for_test(id: u64, name: &str, deadline: Instant) -> Self {
+        Self::new(
+            id,
+            LockKey::new("k").unwrap(),
+            name.into(),
+            "test#1".into(),
+            Version::new(1, 1),
+            Instant::now(),
+            deadline,
+        )
     }
 
     /// Resolves when the lease is lost or has ended.
@@ -519,17 +543,7 @@ mod tests {
     use super::*;
 
     fn lease() -> LeaseShared {
-        let now = Instant::now();
-        let key = LockKey::new("k").unwrap();
-        LeaseShared::new(
-            1,
-            key,
-            "dimutex/k".into(),
-            "test#1".into(),
-            Version::new(1, 1),
-            now,
-            now,
-        )
+        LeaseShared::for_test(1, "dimutex/k", Instant::now())
     }
 
     #[test]

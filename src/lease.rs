@@ -72,15 +72,6 @@ impl Drop for Lease {
 /// The length of a thread's block of lease ids.
 const BLOCK: u64 = 1024;
 
-/// How many ways the inbox is sharded by lease id ([`id_shard`]).
-pub(crate) const ID_SHARDS: usize = 16;
-
-/// The shard of lease `id`: one per block of ids, so a thread's leases share a shard and
-/// the threads of a busy server mostly write shards of their own.
-pub(crate) fn id_shard(id: u64) -> usize {
-    (id / BLOCK) as usize % ID_SHARDS
-}
-
 /// A lease id, unique in this process. Threads take ids from the shared counter in blocks, so
 /// acquisitions on different threads do not write one cache line.
 pub(crate) fn next_id() -> u64 {
@@ -523,7 +514,8 @@ impl Driver {
                     // Its guard is releasing it.
                     continue;
                 }
-                if now >= shared.deadline() {
+                let deadline = shared.deadline();
+                if now >= deadline {
                     drop(state);
                     if !shared.is_lost() {
                         tracing::warn!(target: "dimutex", key_id = crate::key_id(shared.key()), "lease lost: no successful refresh before the local deadline");
@@ -532,7 +524,7 @@ impl Driver {
                     continue;
                 }
                 state.refreshing = true;
-                (state.version, shared.deadline())
+                (state.version, deadline)
             };
             let inner = entry.lease.client.clone();
             self.starting.push(Box::pin(async move {
@@ -944,9 +936,10 @@ const RELEASE_REREADS: usize = 3;
 /// (412 and another generation or owner), after attempts of which one may have landed.
 /// Nobody else can take the lock over before the server judges it expired (`updated` + ttl
 /// plus a second before `Date`), and `updated` is no earlier than `sent` (our last write
-/// cannot land before we sent it). An answer received before `sent` + ttl therefore describes a server on which no
-/// takeover could have happened yet (the rule's extra second is left as a cushion for
-/// clocks): the change was our own delete (404), or a create after it (412).
+/// cannot land before we sent it). An answer received before `sent` + ttl therefore
+/// describes a server on which no takeover could have happened yet (the rule's extra second
+/// is left as a cushion for clocks): the change was our own delete (404), or a create after
+/// it (412).
 fn deleted_by_us(inner: &Inner, ambiguous: bool, sent: Instant) -> bool {
     ambiguous && Instant::now() < sent + inner.config.ttl
 }

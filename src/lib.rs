@@ -53,6 +53,7 @@ pub mod layer;
 mod lease;
 mod local;
 mod object;
+mod shards;
 mod signal;
 #[cfg(feature = "testing")]
 pub mod testing;

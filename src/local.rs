@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::guard::LeaseShared;
+use crate::shards::Shards;
 
 /// Keys come from requests: a seeded hash, but a fast one (this runs several times a request).
 type Hash = foldhash::fast::RandomState;
@@ -22,18 +23,11 @@ pub(crate) struct Local {
     /// name: each request of a busy server looks up, enters and removes its own name, and with
     /// one lock for all of them every worker thread would write the same cache line at each
     /// step.
-    held: [Shard; SHARDS],
+    held: Shards<HashSet<ByName, Hash>>,
     /// Picks a name's shard.
     hash: Hash,
     queues: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>, Hash>>,
 }
-
-const SHARDS: usize = 16;
-
-/// One shard of the held leases, on cache lines of its own.
-#[derive(Default)]
-#[repr(align(128))]
-struct Shard(Mutex<HashSet<ByName, Hash>>);
 
 /// A lease as a set member: identified by its object name.
 struct ByName(Arc<LeaseShared>);
@@ -71,8 +65,7 @@ impl Local {
     /// The shard of `name`'s lease, locked.
     fn held(&self, name: &str) -> std::sync::MutexGuard<'_, HashSet<ByName, Hash>> {
         use std::hash::BuildHasher;
-        let shard = &self.held[self.hash.hash_one(name) as usize % SHARDS];
-        shard.0.lock().unwrap_or_else(|e| e.into_inner())
+        self.held.lock(self.hash.hash_one(name) as usize)
     }
 
     /// The lease of this client that holds `name`, if it is healthy.
@@ -88,14 +81,8 @@ impl Local {
     /// shard's lock, one read of the lease's state and of the clock, and no reference count
     /// taken on a lease every worker thread reads.
     pub(crate) fn held_for(&self, name: &str, margin: Duration) -> Option<Duration> {
-        let held = self.held(name);
-        let lease = &held.get(name)?.0;
-        if lease.is_lost() {
-            return None;
-        }
-        let left = lease.deadline().checked_duration_since(Instant::now())?;
-        // Healthy: strictly before its deadline.
-        (!left.is_zero()).then(|| left + margin + RULE_SECOND)
+        let left = self.held(name).get(name)?.0.healthy_for()?;
+        Some(left + margin + RULE_SECOND)
     }
 
     /// Records `lease` as the holder of its object name (in place of an older one).
@@ -159,20 +146,9 @@ const RULE_SECOND: Duration = Duration::from_secs(1);
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::Version;
-    use crate::key::LockKey;
 
     fn lease(name: &str, deadline: Instant) -> Arc<LeaseShared> {
-        let now = Instant::now();
-        Arc::new(LeaseShared::new(
-            1,
-            LockKey::new("k").unwrap(),
-            name.into(),
-            "test#1".into(),
-            Version::new(1, 1),
-            now,
-            deadline,
-        ))
+        Arc::new(LeaseShared::for_test(1, name, deadline))
     }
 
     #[test]

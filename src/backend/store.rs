@@ -9,10 +9,11 @@ use std::borrow::Cow;
 use std::collections::HashMap;
 use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
 use super::Metadata;
+use crate::shards::Shards;
 
 /// The four GCS preconditions. `if_generation_match == Some(0)` means "no live object".
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -67,13 +68,6 @@ struct Inner {
 /// Object names come from requests: a seeded hash, but a fast one.
 type Hash = foldhash::fast::RandomState;
 
-const SHARDS: usize = 16;
-
-/// One shard of the names, on cache lines of its own.
-#[derive(Debug, Default)]
-#[repr(align(128))]
-struct Shard(Mutex<Inner>);
-
 /// The object store of one bucket.
 ///
 /// In shards by object name: a busy server's threads each create and delete their own names,
@@ -81,7 +75,7 @@ struct Shard(Mutex<Inner>);
 /// write the same cache lines at every request.
 #[derive(Debug, Default)]
 pub(crate) struct Store {
-    shards: [Shard; SHARDS],
+    shards: Shards<Inner>,
     /// Picks a name's shard.
     hash: Hash,
     throttle: AtomicBool,
@@ -113,15 +107,14 @@ impl Store {
 
     /// The shard of `name`, locked, with the operation counted.
     fn shard(&self, name: &str) -> MutexGuard<'_, Inner> {
-        let i = self.hash.hash_one(name) as usize % SHARDS;
-        let mut inner = lock(&self.shards[i].0);
+        let mut inner = self.shards.lock(self.hash.hash_one(name) as usize);
         inner.operations += 1;
         inner
     }
 
     /// How many reads and writes the store served (refused ones included).
     pub fn operations(&self) -> u64 {
-        self.shards.iter().map(|s| lock(&s.0).operations).sum()
+        self.shards.each().map(|s| s.operations).sum()
     }
 
     pub fn get(&self, name: &str) -> Result<Arc<StoredObject>, StoreError> {
@@ -155,8 +148,7 @@ impl Store {
 
     pub fn list(&self, prefix: &str) -> Vec<Arc<StoredObject>> {
         let mut out = Vec::new();
-        for shard in &self.shards {
-            let inner = lock(&shard.0);
+        for inner in self.shards.each() {
             out.extend(
                 inner
                     .objects
@@ -170,7 +162,7 @@ impl Store {
     }
 
     pub fn len(&self) -> usize {
-        self.shards.iter().map(|s| lock(&s.0).objects.len()).sum()
+        self.shards.each().map(|s| s.objects.len()).sum()
     }
 
     /// Creates or overwrites an object (a new generation, metageneration 1).
@@ -259,10 +251,6 @@ impl Store {
         inner.last_mutation.insert(name.to_owned(), now);
         Ok(())
     }
-}
-
-fn lock(shard: &Mutex<Inner>) -> MutexGuard<'_, Inner> {
-    shard.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Generations are unique per name and, as on GCS, microsecond-clock-like and increasing.

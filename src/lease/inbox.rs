@@ -18,11 +18,12 @@
 
 use std::collections::HashMap;
 use std::hash::BuildHasherDefault;
-use std::sync::Mutex;
+use std::sync::MutexGuard;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
-use super::{ID_SHARDS, IdHasher, Lease, TICK, id_shard, since_origin};
+use super::{BLOCK, IdHasher, Lease, TICK, since_origin};
+use crate::shards::{SHARDS, Shards};
 
 /// [`Inbox::looks_by`]: no driver runs on this inbox (none started yet, or its runtime
 /// stopped). Every post asks for one.
@@ -32,16 +33,11 @@ const NO_DRIVER: u64 = u64::MAX;
 pub(super) const AWAKE: u64 = u64::MAX - 1;
 
 pub(crate) struct Inbox {
-    shards: [Shard; ID_SHARDS],
+    shards: Shards<Items>,
     /// By when the driver will next empty the inbox without being told, in nanoseconds since
     /// the lease clock's origin; [`AWAKE`] or [`NO_DRIVER`] when it is not sure to.
     looks_by: AtomicU64,
 }
-
-/// One shard, on cache lines of its own.
-#[derive(Default)]
-#[repr(align(128))]
-struct Shard(Mutex<Items>);
 
 /// What one shard holds (and the driver's spare, to swap with a shard).
 #[derive(Default)]
@@ -65,8 +61,9 @@ impl Inbox {
         }
     }
 
-    fn shard(&self, id: u64) -> &Mutex<Items> {
-        &self.shards[id_shard(id)].0
+    /// The shard of lease `id`: one per block of ids, so a thread's leases share a shard.
+    fn shard(&self, id: u64) -> MutexGuard<'_, Items> {
+        self.shards.lock((id / BLOCK) as usize)
     }
 
     /// Leaves a new lease for the driver; whether the driver must be woken (or started) to
@@ -88,7 +85,7 @@ impl Inbox {
 
     fn put(&self, id: u64, now: Instant, put: impl FnOnce(&mut Items)) -> bool {
         let first = {
-            let mut items = lock(self.shard(id));
+            let mut items = self.shard(id);
             let first = items.is_empty();
             put(&mut items);
             first
@@ -102,13 +99,13 @@ impl Inbox {
     /// Takes back lease `id` if the driver has not taken it. The caller drops it, after the
     /// shard's lock is gone.
     pub(crate) fn take(&self, id: u64) -> Option<Lease> {
-        lock(self.shard(id)).leases.remove(&id)
+        self.shard(id).leases.remove(&id)
     }
 
     /// Swaps shard `i`'s items with `items` (empty) unless the shard is empty; whether it
     /// swapped.
     pub(super) fn swap(&self, i: usize, items: &mut Items) -> bool {
-        let mut shard = lock(&self.shards[i].0);
+        let mut shard = self.shards.lock(i);
         if shard.is_empty() {
             return false;
         }
@@ -117,11 +114,11 @@ impl Inbox {
     }
 
     pub(super) fn shard_count(&self) -> usize {
-        ID_SHARDS
+        SHARDS
     }
 
     pub(super) fn is_empty(&self) -> bool {
-        self.shards.iter().all(|s| lock(&s.0).is_empty())
+        self.shards.each().all(|s| s.is_empty())
     }
 
     /// The driver says when it will next look without being told (see [`AWAKE`]).
@@ -135,10 +132,6 @@ impl Inbox {
     }
 }
 
-fn lock(shard: &Mutex<Items>) -> std::sync::MutexGuard<'_, Items> {
-    shard.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
@@ -146,21 +139,12 @@ mod tests {
 
     use super::*;
     use crate::Client;
-    use crate::backend::{MemoryBackend, Version};
+    use crate::backend::MemoryBackend;
     use crate::guard::LeaseShared;
-    use crate::key::LockKey;
 
     fn lease(client: &Client, id: u64) -> Lease {
-        let now = Instant::now();
-        let shared = LeaseShared::new(
-            id,
-            LockKey::new("k").unwrap(),
-            "dimutex/k".into(),
-            "test#1".into(),
-            Version::new(1, 1),
-            now,
-            now + Duration::from_secs(1),
-        );
+        let shared =
+            LeaseShared::for_test(id, "dimutex/k", Instant::now() + Duration::from_secs(1));
         Lease::new(client.inner.clone(), Arc::new(shared))
     }
 
