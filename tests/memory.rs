@@ -214,18 +214,20 @@ async fn a_stalled_runtime_sees_its_lease_lost_when_it_resumes() {
     );
 }
 
+/// A runtime of its own, for tests that drop one (as a process that stops).
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
 /// A client outlives the runtime its lease driver ran on: the next runtime's first
 /// acquisition starts another driver, which refreshes its own lease and also the one the
 /// stopped runtime's driver never took.
 #[test]
 fn a_client_outliving_its_runtime_starts_a_new_driver() {
     use std::time::Duration;
-    let runtime = || {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap()
-    };
     let backend = MemoryBackend::new();
     let client = dimutex::Client::builder(backend.clone())
         .ttl(Duration::from_secs(2))
@@ -257,12 +259,6 @@ fn a_client_outliving_its_runtime_starts_a_new_driver() {
 #[test]
 fn a_lease_whose_driver_is_gone_is_not_taken_up_by_the_next_one() {
     use std::time::{Duration, Instant};
-    let runtime = || {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap()
-    };
     let ttl = Duration::from_secs(2);
     let backend = MemoryBackend::new();
     let client = dimutex::Client::builder(backend.clone())
@@ -296,10 +292,7 @@ fn a_lease_whose_driver_is_gone_is_not_taken_up_by_the_next_one() {
 /// lost signal fires then, not silently at its deadline.
 #[test]
 fn a_lease_whose_driver_stops_is_signalled_lost() {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = runtime();
     let client = dimutex::Client::new(MemoryBackend::new());
     let guard = rt.block_on(async {
         let guard = client.try_acquire("k").await.unwrap();
