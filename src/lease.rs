@@ -250,6 +250,8 @@ pub(crate) fn spawn_driver(inbox: Arc<Inbox>, shutdown: watch::Receiver<bool>) -
     let driver = Driver {
         inbox,
         adopt_at: None,
+        // Started for a lease.
+        asked: true,
         commands: Some(rx),
         shutdown,
         shutting_down: false,
@@ -267,6 +269,9 @@ struct Driver {
     inbox: Arc<Inbox>,
     /// While acquisitions keep coming: when to empty the inbox next.
     adopt_at: Option<Instant>,
+    /// Whether acquisitions came since `adopt_at` was last decided (leases found in the inbox,
+    /// or a wake-up asked for).
+    asked: bool,
     /// `None` once every sender is gone.
     commands: Option<mpsc::UnboundedReceiver<Command>>,
     shutdown: watch::Receiver<bool>,
@@ -321,7 +326,7 @@ impl Driver {
             // While awake, the driver may miss a lease left in the inbox from here on: ask
             // for a wake-up, until it has decided when it sleeps until.
             self.inbox.set_looks_by(inbox::AWAKE);
-            let adopted = self.adopt();
+            self.adopt();
             // Take the commands waiting without spending the task's cooperative budget on
             // each (`recv` would: on a busy runtime the driver would fall behind its clients);
             // then finished work, due timers, and only then wait for more commands.
@@ -336,8 +341,11 @@ impl Driver {
             let now = Instant::now();
             match self.adopt_at {
                 Some(at) if at > now => {}
-                // Acquisitions keep coming: pick the next ones up within a tick, unwoken.
-                _ => self.adopt_at = (adopted > 0).then(|| now + TICK),
+                // Acquisitions keep coming (it found leases, or was woken for them): it picks
+                // the next ones up within a tick, unwoken. Behind a busy layer most leases are
+                // released before it looks, and a driver that then slept until woken was woken
+                // by nearly every acquisition.
+                _ => self.adopt_at = std::mem::take(&mut self.asked).then(|| now + TICK),
             }
             let next = match (self.timers.first().map(|&(at, _)| at), self.adopt_at) {
                 (Some(a), Some(b)) => Some(a.min(b)),
@@ -415,7 +423,7 @@ impl Driver {
     fn command(&mut self, command: Command) {
         match command {
             // The loop empties the inbox at every turn.
-            Command::Adopt => {}
+            Command::Adopt => self.asked = true,
             Command::Release { id, reply } => {
                 if !self.leases.contains_key(&id) {
                     // Left in the inbox after this turn emptied it.
@@ -426,10 +434,8 @@ impl Driver {
         }
     }
 
-    /// Takes over the leases waiting in the inbox and forgets those their guards released;
-    /// how many new leases.
-    fn adopt(&mut self) -> usize {
-        let mut n = 0;
+    /// Takes over the leases waiting in the inbox and forgets those their guards released.
+    fn adopt(&mut self) {
         for i in 0..self.inbox.shard_count() {
             // Swapped with the (empty) spare: the shard keeps allocated space for the next ones.
             let mut items = std::mem::take(&mut self.spare);
@@ -437,7 +443,7 @@ impl Driver {
                 self.spare = items;
                 continue;
             }
-            n += items.leases.len();
+            self.asked |= !items.leases.is_empty();
             for (_, lease) in items.leases.drain() {
                 // Released by its guard since the swap: nothing to watch, and the guard did
                 // not post its id.
@@ -458,7 +464,6 @@ impl Driver {
                 self.spare = items;
             }
         }
-        n
     }
 
     fn hold(&mut self, lease: Lease) {
@@ -982,5 +987,36 @@ mod tests {
         tokio::time::sleep(TICK * 2).await;
         assert!(client.inner.inbox.is_empty(), "the driver forgot it");
         assert_eq!(client.active_leases(), 0);
+    }
+
+    /// Behind a busy layer each lease is released before the driver looks: the driver,
+    /// woken for one and finding nothing, keeps looking every tick while acquisitions come,
+    /// so the next ones do not wake it; without them it goes back to sleep until woken.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_driver_woken_for_nothing_looks_again_within_a_tick_unasked() {
+        let client = crate::Client::new(crate::backend::MemoryBackend::new());
+        let inbox = &client.inner.inbox;
+        // A lease of its own, in a shard no acquisition of this test uses.
+        let post = |id: u64| {
+            let shared = LeaseShared::for_test(id, "dimutex/x", Instant::now() + TICK * 50);
+            let woken = inbox.post(
+                id,
+                Lease::new(client.inner.clone(), Arc::new(shared)),
+                Instant::now(),
+            );
+            assert!(inbox.take(id).is_some());
+            woken
+        };
+        let id = 1 << 40;
+        drop(client.try_acquire("k").await.unwrap());
+        // The driver, started by that acquisition, runs and finds its lease gone.
+        tokio::task::yield_now().await;
+        assert!(inbox.is_empty());
+        assert!(!post(id), "the driver looks within a tick: no wake-up");
+        tokio::time::sleep(TICK * 3).await;
+        assert!(
+            post(id),
+            "no acquisitions for a tick: the driver sleeps until woken"
+        );
     }
 }
