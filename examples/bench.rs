@@ -191,12 +191,13 @@ async fn run(settings: Settings) -> ExitCode {
     if wants(1) {
         eprintln!("[1] cycle latency vs the reqwest floor");
         let plan = |c: usize| cycle::LatencyPlan {
-            rounds: if quick { 3 } else { 10 },
+            // Fresh connections every round (see `cycle::latency`): more, shorter rounds.
+            rounds: if quick { 3 } else { 20 },
             per_worker: match (quick, c) {
                 (true, 1) => 100,
                 (true, _) => 15,
-                (false, 1) => 300,
-                (false, _) => 60,
+                (false, 1) => 150,
+                (false, _) => 30,
             },
         };
         let mut targets = Vec::new();

@@ -209,30 +209,57 @@ pub struct LatencyPlan {
     pub per_worker: usize,
 }
 
-/// Target 1 on one server at one concurrency.
+/// Target 1 on one server at one concurrency, ours and the floor alike on a current-thread
+/// runtime of their own. On the bench's two-worker runtime, whether a connection's task shares
+/// a worker with the cycle's task shifts every cycle on that connection by tens of
+/// microseconds, one way or the other, for as long as the connection lives: the medians of
+/// that runtime jumped by up to ±40 % between runs on the same code (per-round medians of
+/// 110 µs next to 380 µs).
 pub async fn latency(
     target: &GcsTarget,
     concurrency: usize,
     plan: &LatencyPlan,
 ) -> Result<(Figure, String)> {
-    let client = our_client(target).await?;
-    let floor = Arc::new(Floor::new(target)?);
-    // Warm both pools (one connection per worker) and both code paths.
-    run_workers(concurrency, 5, floor_runner(&floor, "lat")).await?;
-    run_workers(concurrency, 5, ours_runner(&client, "lat")).await?;
+    let (target, rounds, per_worker) = (target.clone(), plan.rounds, plan.per_worker);
+    on_current_thread(move || async move {
+        let plan = LatencyPlan { rounds, per_worker };
+        latency_here(&target, concurrency, &plan).await
+    })
+    .await
+}
+
+async fn latency_here(
+    target: &GcsTarget,
+    concurrency: usize,
+    plan: &LatencyPlan,
+) -> Result<(Figure, String)> {
     let (mut ours, mut base) = (Vec::new(), Vec::new());
+    let mut round_medians = Vec::new();
     for round in 0..plan.rounds {
+        // Fresh pools every round: the server's runtime places each connection too (see
+        // `latency`); new connections each round average that over many placements instead
+        // of drawing it once per run.
+        let client = our_client(target).await?;
+        let floor = Arc::new(Floor::new(target)?);
+        // Warm both pools (one connection per worker) and both code paths.
+        run_workers(concurrency, 3, floor_runner(&floor, "lat")).await?;
+        run_workers(concurrency, 3, ours_runner(&client, "lat")).await?;
         let floor_run = run_workers(concurrency, plan.per_worker, floor_runner(&floor, "lat"));
         let ours_run = run_workers(concurrency, plan.per_worker, ours_runner(&client, "lat"));
-        if round % 2 == 0 {
-            base.extend(floor_run.await?);
-            ours.extend(ours_run.await?);
+        let (o, b) = if round % 2 == 0 {
+            let b = floor_run.await?;
+            (ours_run.await?, b)
         } else {
-            ours.extend(ours_run.await?);
-            base.extend(floor_run.await?);
-        }
+            let o = ours_run.await?;
+            (o, floor_run.await?)
+        };
+        client.shutdown(Duration::from_secs(10)).await?;
+        let median_us =
+            |d: &[Duration]| util::median(&d.iter().copied().map(util::us).collect::<Vec<_>>());
+        round_medians.push(format!("{:.0}/{:.0}", median_us(&o), median_us(&b)));
+        ours.extend(o);
+        base.extend(b);
     }
-    client.shutdown(Duration::from_secs(10)).await?;
     let ours: Vec<f64> = ours.into_iter().map(util::us).collect();
     let base: Vec<f64> = base.into_iter().map(util::us).collect();
     let figure = Figure::new(
@@ -246,13 +273,15 @@ pub async fn latency(
         Goal::RatioAtMost(1.10),
     );
     let note = format!(
-        "{} c={concurrency}: {} cycles each; p90 ours {:.0} us vs floor {:.0} us; p99 ours {:.0} us vs floor {:.0} us",
+        "{} c={concurrency}: {} cycles each in {} rounds; p90 ours {:.0} us vs floor {:.0} us; p99 ours {:.0} us vs floor {:.0} us; round medians ours/floor (us): {}",
         target.label,
         ours.len(),
+        plan.rounds,
         util::percentile(&ours, 90.0),
         util::percentile(&base, 90.0),
         util::percentile(&ours, 99.0),
         util::percentile(&base, 99.0),
+        round_medians.join(" "),
     );
     Ok((figure, note))
 }
@@ -309,18 +338,28 @@ async fn cpu_runs_current_thread(
     concurrency: usize,
     cycles: usize,
 ) -> Result<(CpuRun, CpuRun)> {
-    let (tx, rx) = tokio::sync::oneshot::channel();
     let target = target.clone();
+    on_current_thread(move || async move { cpu_runs(&target, concurrency, cycles).await }).await
+}
+
+/// Runs `work` on a current-thread runtime of a thread of its own (the bench's own runtime
+/// idles meanwhile).
+async fn on_current_thread<T, F, Fut>(work: F) -> Result<T>
+where
+    F: FnOnce() -> Fut + Send + 'static,
+    Fut: Future<Output = Result<T>>,
+    T: Send + 'static,
+{
+    let (tx, rx) = tokio::sync::oneshot::channel();
     std::thread::spawn(move || {
         let result = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .map_err(util::BoxError::from)
-            .and_then(|rt| rt.block_on(cpu_runs(&target, concurrency, cycles)))
-            .map_err(|e| e.to_string());
+            .and_then(|rt| rt.block_on(work()));
         let _ = tx.send(result);
     });
-    Ok(rx.await??)
+    rx.await?
 }
 
 /// Target 2 at one concurrency: CPU per cycle, ours vs Python dimutex, with our client on the

@@ -250,7 +250,12 @@ pub fn serve_fake_child() -> std::process::ExitCode {
 type Sampler = (Arc<AtomicBool>, std::thread::JoinHandle<Vec<u64>>);
 
 fn serve_fake() -> Result<()> {
-    let rt = tokio::runtime::Runtime::new()?;
+    // One worker: where the runtime places each connection's task would otherwise move every
+    // cycle on that connection (see `cycle::latency`).
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?;
     let fake = Arc::new(rt.block_on(FakeGcs::builder().log_capacity(200_000).start())?);
     let mut out = std::io::stdout().lock();
     writeln!(
