@@ -269,8 +269,8 @@ struct Driver {
     inbox: Arc<Inbox>,
     /// While acquisitions keep coming: when to empty the inbox next.
     adopt_at: Option<Instant>,
-    /// Whether acquisitions came since `adopt_at` was last decided (leases found in the inbox,
-    /// or a wake-up asked for).
+    /// Whether acquisitions or releases came since `adopt_at` was last decided (leases found
+    /// in the inbox, or a wake-up asked for).
     asked: bool,
     /// `None` once every sender is gone.
     commands: Option<mpsc::UnboundedReceiver<Command>>,
@@ -996,7 +996,7 @@ mod tests {
     async fn a_driver_woken_for_nothing_looks_again_within_a_tick_unasked() {
         let client = crate::Client::new(crate::backend::MemoryBackend::new());
         let inbox = &client.inner.inbox;
-        // A lease of its own, in a shard no acquisition of this test uses.
+        // A lease of its own, posted and taken back: whether the post asks for a wake-up.
         let post = |id: u64| {
             let shared = LeaseShared::for_test(id, "dimutex/x", Instant::now() + TICK * 50);
             let woken = inbox.post(
@@ -1018,5 +1018,11 @@ mod tests {
             post(id),
             "no acquisitions for a tick: the driver sleeps until woken"
         );
+        // Woken from that sleep by an acquisition whose lease is gone when it looks (the
+        // layer's case): it looks again within a tick, unasked.
+        drop(client.try_acquire("k").await.unwrap());
+        tokio::task::yield_now().await;
+        assert!(inbox.is_empty());
+        assert!(!post(id), "woken for nothing, it still looks within a tick");
     }
 }
