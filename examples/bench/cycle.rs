@@ -203,6 +203,7 @@ fn floor_runner(
     }
 }
 
+#[derive(Clone, Copy)]
 pub struct LatencyPlan {
     pub rounds: usize,
     /// Cycles per worker per round.
@@ -220,12 +221,8 @@ pub async fn latency(
     concurrency: usize,
     plan: &LatencyPlan,
 ) -> Result<(Figure, String)> {
-    let (target, rounds, per_worker) = (target.clone(), plan.rounds, plan.per_worker);
-    on_current_thread(move || async move {
-        let plan = LatencyPlan { rounds, per_worker };
-        latency_here(&target, concurrency, &plan).await
-    })
-    .await
+    let (target, plan) = (target.clone(), *plan);
+    on_current_thread(move || async move { latency_here(&target, concurrency, &plan).await }).await
 }
 
 async fn latency_here(
@@ -254,14 +251,14 @@ async fn latency_here(
             (o, floor_run.await?)
         };
         client.shutdown(Duration::from_secs(10)).await?;
-        let median_us =
-            |d: &[Duration]| util::median(&d.iter().copied().map(util::us).collect::<Vec<_>>());
-        round_medians.push(format!("{:.0}/{:.0}", median_us(&o), median_us(&b)));
+        let (o, b): (Vec<f64>, Vec<f64>) = (
+            o.into_iter().map(util::us).collect(),
+            b.into_iter().map(util::us).collect(),
+        );
+        round_medians.push(format!("{:.0}/{:.0}", util::median(&o), util::median(&b)));
         ours.extend(o);
         base.extend(b);
     }
-    let ours: Vec<f64> = ours.into_iter().map(util::us).collect();
-    let base: Vec<f64> = base.into_iter().map(util::us).collect();
     let figure = Figure::new(
         format!(
             "cycle_latency_p50 {} c={concurrency}",

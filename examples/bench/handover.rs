@@ -54,6 +54,12 @@ async fn hand_over(
     Ok(acquired.saturating_duration_since(released))
 }
 
+/// One hand-over between two users of `client` (the lock held 10 ms), in milliseconds.
+async fn local_hand_over(client: &Client, key: &str) -> Result<f64> {
+    let took = hand_over(client, client, key, Duration::from_millis(10)).await?;
+    Ok(util::ms(took))
+}
+
 pub async fn run(target: &GcsTarget, plan: &Plan) -> Result<(Vec<Figure>, Vec<String>)> {
     let holder = our_client(target).await?;
     let floor = Floor::new(target)?;
@@ -65,15 +71,7 @@ pub async fn run(target: &GcsTarget, plan: &Plan) -> Result<(Vec<Figure>, Vec<St
     let mut local = Vec::new();
     let mut creates = Vec::new();
     for i in 0..plan.local_trials {
-        local.push(util::ms(
-            hand_over(
-                &holder,
-                &holder,
-                &format!("ho-local-{i}"),
-                Duration::from_millis(10),
-            )
-            .await?,
-        ));
+        local.push(local_hand_over(&holder, &format!("ho-local-{i}")).await?);
         let name = format!("bench-floor/ho-create-{i}");
         let t = Instant::now();
         let generation = floor.create(&name).await?;
@@ -85,15 +83,7 @@ pub async fn run(target: &GcsTarget, plan: &Plan) -> Result<(Vec<Figure>, Vec<St
     let memory = Client::new(dimutex::backend::MemoryBackend::new());
     let mut in_memory = Vec::new();
     for i in 0..plan.local_trials {
-        in_memory.push(util::ms(
-            hand_over(
-                &memory,
-                &memory,
-                &format!("ho-mem-{i}"),
-                Duration::from_millis(10),
-            )
-            .await?,
-        ));
+        in_memory.push(local_hand_over(&memory, &format!("ho-mem-{i}")).await?);
     }
     memory.shutdown(Duration::from_secs(10)).await?;
 

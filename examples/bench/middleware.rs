@@ -196,16 +196,16 @@ pub async fn run(plan: &Plan) -> Result<(Vec<Figure>, Vec<String>)> {
 /// The spread of the per-round ratios `ours[i] / base[i]`: min, median, max, and the standard
 /// error of their mean (how far a run's figure may sit from the true ratio).
 fn spread(ours: &[f64], base: &[f64]) -> String {
-    let mut r: Vec<f64> = ours.iter().zip(base).map(|(o, b)| o / b).collect();
-    r.sort_by(f64::total_cmp);
+    use super::util::{median, percentile};
+    let r: Vec<f64> = ours.iter().zip(base).map(|(o, b)| o / b).collect();
     let n = r.len() as f64;
     let mean = r.iter().sum::<f64>() / n;
     let var = r.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0).max(1.0);
     format!(
         "min {:.3} median {:.3} max {:.3} (standard error of the mean {:.3})",
-        r.first().copied().unwrap_or(f64::NAN),
-        r.get(r.len() / 2).copied().unwrap_or(f64::NAN),
-        r.last().copied().unwrap_or(f64::NAN),
+        percentile(&r, 0.0),
+        median(&r),
+        percentile(&r, 100.0),
         (var / n).sqrt(),
     )
 }
