@@ -71,6 +71,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         if layered {
             app = app.route_layer(LockLayer::new(client.clone(), FromPathParam::new("key")));
         }
+        // As `axum::serve` does once per connection: the routes (and the layer's service) are
+        // built here, not at every request.
+        let app = app.with_state(());
         let held = if hot {
             Some(client.try_acquire("hot").await?)
         } else {

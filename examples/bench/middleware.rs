@@ -351,10 +351,13 @@ async fn in_process_costs(client: &Client, backend: &MemoryBackend, calls: u64) 
     use http_body_util::BodyExt;
     use tower::ServiceExt;
 
-    let bare = Router::new().route("/k/{key}", get(handler));
+    // `with_state` builds the routes (and the layer's service) once, as `axum::serve` does for
+    // each connection; a router without it builds them at every request.
+    let bare = Router::new().route("/k/{key}", get(handler)).with_state(());
     let layered = Router::new()
         .route("/k/{key}", get(handler))
-        .route_layer(LockLayer::new(client.clone(), FromPathParam::new("key")));
+        .route_layer(LockLayer::new(client.clone(), FromPathParam::new("key")))
+        .with_state(());
     let raw = Router::new()
         .route("/k/{key}", get(raw_writes))
         .with_state(backend.clone());
