@@ -2,8 +2,10 @@
 
 use std::fmt;
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant, SystemTime};
 
 use tokio::sync::watch;
@@ -104,6 +106,14 @@ impl fmt::Debug for Client {
             .field("poll", &c.poll)
             .finish_non_exhaustive()
     }
+}
+
+/// An acquisition begun by [`Client::acquire_in_place`].
+pub(crate) enum InPlace {
+    /// Over: the lock taken, or the reason not.
+    Done(Result<LockGuard, Error>),
+    /// The rest of it, to await.
+    Rest(Pin<Box<dyn Future<Output = Result<LockGuard, Error>> + Send>>),
 }
 
 /// How an acquisition ends when the lock is held elsewhere.
@@ -359,6 +369,94 @@ impl Client {
             }
         }
         let owner = new_owner(&cfg.identity);
+        self.create_first(key, name, owner, contention).await
+    }
+
+    /// A fail-fast acquisition of `key` (object `name`; the caller has looked for a local
+    /// holder already), done here and now when the backend answers at once: its create is
+    /// polled once, without a waker, and a lock taken costs no future at all. Anything else
+    /// (the lock is held, the backend failed or throttles, or it did not answer at once after
+    /// all) is handed on as the rest of the acquisition.
+    pub(crate) fn acquire_in_place(&self, key: LockKey, name: String) -> InPlace {
+        let inner = &self.inner;
+        if inner.shut.load(Ordering::SeqCst) {
+            return InPlace::Done(Err(Error::ShutDown));
+        }
+        let cfg = &inner.config;
+        let owner = new_owner(&cfg.identity);
+        if !inner.backend.answers_at_once() || inner.recently_throttled() {
+            return self.rest(key, name, owner, None);
+        }
+        let md = object::lock_metadata(cfg.ttl, &cfg.ttl_text, &owner, (cfg.clock)());
+        let sent = Instant::now();
+        let polled = inner
+            .backend
+            .create(&name, &md)
+            .as_mut()
+            .poll(&mut Context::from_waker(Waker::noop()));
+        match polled {
+            Poll::Ready(Ok(reply)) => {
+                tracing::debug!(target: "dimutex", key_id = crate::key_id(&key), elapsed_ms = sent.elapsed().as_millis() as u64, "acquired");
+                InPlace::Done(Ok(self.hold(key, name, owner, reply.into_value(), sent)))
+            }
+            Poll::Ready(Err(e)) if !e.is_transient() => {
+                let first = Attempted {
+                    result: Err(e),
+                    ambiguous: false,
+                    first_sent: sent,
+                };
+                self.rest(key, name, owner, Some(first))
+            }
+            // A transient failure (the 429 of a throttling backend), or a backend that did not
+            // answer at once after all (its request is dropped half-way): the create is sent
+            // again by the same owner, so that a create of ours that landed after all is found
+            // and adopted, as after a lost reply.
+            Poll::Ready(Err(e)) => {
+                if e.is_rate_limited() {
+                    inner.note_throttled();
+                }
+                self.rest(key, name, owner, None)
+            }
+            Poll::Pending => self.rest(key, name, owner, None),
+        }
+    }
+
+    /// The rest of a fail-fast acquisition begun in place: from its `first` create's outcome,
+    /// or from a (new) create.
+    fn rest(
+        &self,
+        key: LockKey,
+        name: String,
+        owner: Arc<str>,
+        first: Option<Attempted<Reply<ObjectState>>>,
+    ) -> InPlace {
+        let client = self.clone();
+        InPlace::Rest(Box::pin(async move {
+            match first {
+                Some(first) => {
+                    let sent = first.first_sent;
+                    let contention = Contention::Fail;
+                    client
+                        .contended(key, name, owner, contention, sent, false, Some(first))
+                        .await
+                }
+                None => {
+                    client
+                        .create_first(key, name, owner, Contention::Fail)
+                        .await
+                }
+            }
+        }))
+    }
+
+    /// An acquisition by `owner` from its first create on.
+    async fn create_first(
+        &self,
+        key: LockKey,
+        name: String,
+        owner: Arc<str>,
+        contention: Contention,
+    ) -> Result<LockGuard, Error> {
         // A waiter on a throttled backend: the lock may have been released (deleted) a moment
         // ago, and a create now would be refused. It reads first, and creates after the
         // absence window.

@@ -61,6 +61,74 @@ struct Pending<S, ReqBody, R> {
     settings: Settings,
 }
 
+impl<S, ReqBody, R> Pending<S, ReqBody, R>
+where
+    S: Service<Request<ReqBody>>,
+    R: OnRejection,
+{
+    /// The request's next state once its acquisition is over: the inner service called, with
+    /// the lock in the request's extensions, or the rejection.
+    fn after(self, result: Result<LockGuard, Error>) -> State<S, ReqBody, R> {
+        let Pending {
+            mut request,
+            mut inner,
+            on_rejection,
+            settings,
+        } = self;
+        match result {
+            Ok(guard) => {
+                request.extensions_mut().insert(guard.held_lock());
+                State::Calling {
+                    future: inner.call(request),
+                    guard: Some(guard),
+                    release_on_response: settings.release_on_response,
+                }
+            }
+            Err(e) => {
+                let rejection = Rejection::from(e);
+                if settings.fail_open && matches!(rejection, Rejection::Unavailable { .. }) {
+                    tracing::warn!(target: "dimutex::layer", "lock backend unavailable; running the request without the lock (fail open)");
+                    State::Calling {
+                        future: inner.call(request),
+                        guard: None,
+                        release_on_response: false,
+                    }
+                } else {
+                    State::Rejected {
+                        response: Some(on_rejection.response(&rejection)),
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl<S, ReqBody, R> ResponseFuture<S, ReqBody, R>
+where
+    S: Service<Request<ReqBody>>,
+    R: OnRejection,
+{
+    /// The response to `request` once its acquisition is over (taken in place, without a
+    /// future).
+    pub(crate) fn acquired(
+        result: Result<LockGuard, Error>,
+        request: Request<ReqBody>,
+        inner: S,
+        on_rejection: R,
+        settings: Settings,
+    ) -> Self {
+        let pending = Pending {
+            request,
+            inner,
+            on_rejection,
+            settings,
+        };
+        Self {
+            state: pending.after(result),
+        }
+    }
+}
+
 impl<S, ReqBody, R> ResponseFuture<S, ReqBody, R>
 where
     S: Service<Request<ReqBody>>,
@@ -121,41 +189,10 @@ where
             match state.as_mut().project() {
                 StateProj::Acquiring { acquire, pending } => {
                     let result = ready!(acquire.as_mut().poll(cx));
-                    let Pending {
-                        mut request,
-                        mut inner,
-                        on_rejection,
-                        settings,
-                    } = pending
+                    let pending = pending
                         .take()
                         .expect("ResponseFuture polled after completion");
-                    let next = match result {
-                        Ok(guard) => {
-                            request.extensions_mut().insert(guard.held_lock());
-                            State::Calling {
-                                future: inner.call(request),
-                                guard: Some(guard),
-                                release_on_response: settings.release_on_response,
-                            }
-                        }
-                        Err(e) => {
-                            let rejection = Rejection::from(e);
-                            if settings.fail_open
-                                && matches!(rejection, Rejection::Unavailable { .. })
-                            {
-                                tracing::warn!(target: "dimutex::layer", "lock backend unavailable; running the request without the lock (fail open)");
-                                State::Calling {
-                                    future: inner.call(request),
-                                    guard: None,
-                                    release_on_response: false,
-                                }
-                            } else {
-                                State::Rejected {
-                                    response: Some(on_rejection.response(&rejection)),
-                                }
-                            }
-                        }
-                    };
+                    let next = pending.after(result);
                     state.set(next);
                 }
                 StateProj::Calling {
