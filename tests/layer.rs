@@ -259,6 +259,81 @@ async fn an_in_place_create_refused_by_the_throttle_is_retried_after_the_window(
     }
 }
 
+/// Log lines written while `f` runs on this thread, at every level.
+#[derive(Clone, Default)]
+struct Captured(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn the_layer_logs_each_acquisition_by_key_id_never_by_key_or_owner() {
+    let captured = Captured::default();
+    let writer = captured.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::TRACE)
+        .with_ansi(false)
+        .with_writer(move || writer.clone())
+        .finish();
+    let _default = tracing::subscriber::set_default(subscriber);
+
+    let backend = MemoryBackend::new();
+    let elsewhere = Client::new(backend.clone());
+    let client = Client::new(backend.clone());
+    let service = ServiceBuilder::new()
+        .layer(LockLayer::new(client.clone(), FromHeader::new("x-key")))
+        .service_fn(ok_handler);
+    // Taken in place; then held by another client (the rest of the acquisition, in a future).
+    let response = service
+        .clone()
+        .oneshot(request(Some(b"secret-job-key")))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    response.into_body().collect().await.unwrap();
+    wait_until_empty(&backend, Duration::from_secs(1)).await;
+    let held = elsewhere.try_acquire("secret-job-key").await.unwrap();
+    let response = service
+        .oneshot(request(Some(b"secret-job-key")))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::CONFLICT);
+
+    let text = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    let lines: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("lock for request"))
+        .collect();
+    assert_eq!(lines.len(), 2, "one line per acquisition: {text}");
+    assert!(lines[0].contains("outcome=\"acquired\""), "{}", lines[0]);
+    assert!(lines[1].contains("outcome=\"held\""), "{}", lines[1]);
+    for line in &lines {
+        assert!(line.contains("key_id="), "{line}");
+        assert!(line.contains("elapsed_us="), "{line}");
+    }
+    let object = backend
+        .inspect("dimutex/secret-job-key")
+        .await
+        .unwrap()
+        .into_value()
+        .expect("held elsewhere");
+    let owner = object.metadata().get("owner").unwrap();
+    let nonce = owner.rsplit('#').next().unwrap();
+    assert_eq!(nonce.len(), 32, "{owner}");
+    for secret in ["secret-job-key", nonce] {
+        assert!(!text.contains(secret), "the log names {secret:?}: {text}");
+    }
+    drop(held);
+}
+
 #[tokio::test]
 async fn bad_keys_get_400_before_any_request() {
     let backend = MemoryBackend::new();

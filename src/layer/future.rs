@@ -4,6 +4,7 @@ use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
+use std::time::Instant;
 
 use bytes::Bytes;
 use http::{Request, Response};
@@ -16,7 +17,40 @@ use super::rejection::{OnRejection, Rejection};
 use crate::error::Error;
 use crate::guard::LockGuard;
 
-type Acquire = Pin<Box<dyn Future<Output = Result<LockGuard, Error>> + Send>>;
+/// An acquisition the layer awaits.
+pub(crate) type Acquire = Pin<Box<dyn Future<Output = Result<LockGuard, Error>> + Send>>;
+
+/// What the debug line of a request's acquisition names: the key's id, and when it began
+/// (read only when that line is on).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct AcquireLog {
+    pub(crate) key_id: u64,
+    pub(crate) started: Option<Instant>,
+}
+
+impl AcquireLog {
+    /// The debug line of the acquisition's `result` (and a warning when the backend failed).
+    fn outcome(self, result: &Result<LockGuard, Error>) {
+        let key_id = self.key_id;
+        let outcome = match result {
+            Ok(_) => "acquired",
+            Err(e) if e.is_held() => "held",
+            Err(_) => "failed",
+        };
+        tracing::debug!(
+            target: "dimutex::layer",
+            key_id,
+            outcome,
+            elapsed_us = self.started.map_or(0, |t| t.elapsed().as_micros() as u64),
+            "lock for request"
+        );
+        if let Err(e) = result {
+            if !e.is_held() {
+                tracing::warn!(target: "dimutex::layer", key_id, error = %e, "lock backend failed");
+            }
+        }
+    }
+}
 
 pin_project! {
     /// The response future of [`LockService`](super::LockService).
@@ -59,6 +93,7 @@ struct Pending<S, ReqBody, R> {
     inner: S,
     on_rejection: R,
     settings: Settings,
+    log: AcquireLog,
 }
 
 impl<S, ReqBody, R> Pending<S, ReqBody, R>
@@ -74,7 +109,9 @@ where
             mut inner,
             on_rejection,
             settings,
+            log,
         } = self;
+        log.outcome(&result);
         match result {
             Ok(guard) => {
                 request.extensions_mut().insert(guard.held_lock());
@@ -116,12 +153,14 @@ where
         inner: S,
         on_rejection: R,
         settings: Settings,
+        log: AcquireLog,
     ) -> Self {
         let pending = Pending {
             request,
             inner,
             on_rejection,
             settings,
+            log,
         };
         Self {
             state: pending.after(result),
@@ -139,6 +178,7 @@ where
         inner: S,
         on_rejection: R,
         settings: Settings,
+        log: AcquireLog,
     ) -> Self {
         Self {
             state: State::Acquiring {
@@ -148,6 +188,7 @@ where
                     inner,
                     on_rejection,
                     settings,
+                    log,
                 }),
             },
         }

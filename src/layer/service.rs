@@ -7,11 +7,9 @@ use http::{Request, Response};
 use tower_service::Service;
 
 use crate::client::{Contention, InPlace};
-use crate::error::Error;
-use crate::guard::LockGuard;
 
 use super::body::LockBody;
-use super::future::ResponseFuture;
+use super::future::{Acquire, AcquireLog, ResponseFuture};
 use super::key::KeyExtractor;
 use super::layer::LockLayer;
 use super::rejection::{OnRejection, Rejection};
@@ -104,63 +102,41 @@ where
                 return ResponseFuture::reject(self.layer.on_rejection.response(&rejection));
             }
         }
-        let key_id = crate::key_id(&key);
+        // The clock is read for the debug line only.
+        let started =
+            tracing::enabled!(target: "dimutex::layer", tracing::Level::DEBUG).then(Instant::now);
+        let log = AcquireLog {
+            key_id: crate::key_id(&key),
+            started,
+        };
         let request = Request::from_parts(parts, body);
         let on_rejection = self.layer.on_rejection.clone();
         let settings = self.layer.settings;
-        let fail_fast = match (wait, name) {
-            (None, Ok(name)) => client.acquire_in_place(key, name),
-            (_, name) => {
-                let acquire = async move {
-                    let contention = match wait {
-                        Some(wait) => Contention::WaitUntil(Instant::now() + wait),
-                        None => Contention::Fail,
-                    };
-                    match name {
-                        Ok(name) => client.acquire_named(key, name, contention).await,
-                        Err(e) => Err(e.into()),
-                    }
+        let acquire: Acquire = match (wait, name) {
+            (None, Ok(name)) => match client.acquire_in_place(key, name) {
+                InPlace::Done(result) => {
+                    return ResponseFuture::acquired(
+                        result,
+                        request,
+                        inner,
+                        on_rejection,
+                        settings,
+                        log,
+                    );
+                }
+                InPlace::Rest(rest) => rest,
+            },
+            (_, name) => Box::pin(async move {
+                let contention = match wait {
+                    Some(wait) => Contention::WaitUntil(Instant::now() + wait),
+                    None => Contention::Fail,
                 };
-                InPlace::Rest(Box::pin(acquire))
-            }
+                match name {
+                    Ok(name) => client.acquire_named(key, name, contention).await,
+                    Err(e) => Err(e.into()),
+                }
+            }),
         };
-        // The clock is read for a debug line only.
-        let started =
-            tracing::enabled!(target: "dimutex::layer", tracing::Level::DEBUG).then(Instant::now);
-        match fail_fast {
-            InPlace::Done(result) => {
-                log_outcome(key_id, &result, started);
-                ResponseFuture::acquired(result, request, inner, on_rejection, settings)
-            }
-            InPlace::Rest(rest) => {
-                let acquire = Box::pin(async move {
-                    let result = rest.await;
-                    log_outcome(key_id, &result, started);
-                    result
-                });
-                ResponseFuture::acquire(acquire, request, inner, on_rejection, settings)
-            }
-        }
-    }
-}
-
-/// The debug line of a request's acquisition (and a warning when the backend failed).
-fn log_outcome(key_id: u64, result: &Result<LockGuard, Error>, started: Option<Instant>) {
-    let outcome = match result {
-        Ok(_) => "acquired",
-        Err(e) if e.is_held() => "held",
-        Err(_) => "failed",
-    };
-    tracing::debug!(
-        target: "dimutex::layer",
-        key_id,
-        outcome,
-        elapsed_us = started.map_or(0, |t| t.elapsed().as_micros() as u64),
-        "lock for request"
-    );
-    if let Err(e) = result {
-        if !e.is_held() {
-            tracing::warn!(target: "dimutex::layer", key_id, error = %e, "lock backend failed");
-        }
+        ResponseFuture::acquire(acquire, request, inner, on_rejection, settings, log)
     }
 }
