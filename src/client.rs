@@ -895,7 +895,7 @@ impl Inner {
     }
 
     /// Remembers that the backend enforces its per-object mutation limit.
-    fn note_throttled(&self) {
+    pub(crate) fn note_throttled(&self) {
         let at = lease::since_origin(Instant::now()).saturating_add(1);
         self.throttled_at.store(at, Ordering::Relaxed);
     }

@@ -678,6 +678,26 @@ pub(crate) fn release_on_drop(inner: Arc<Inner>, shared: &Arc<LeaseShared>) {
             return;
         }
     };
+    // The usual case first: the delete alone, polled once, no clock read. Anything but its
+    // success is left to the release below (which sends it again), or to the driver.
+    if !state.gone {
+        let polled = inner
+            .backend
+            .release(shared.name(), state.version)
+            .as_mut()
+            .poll(&mut Context::from_waker(std::task::Waker::noop()));
+        match polled {
+            Poll::Ready(Ok(_)) => return ended_by_guard(&inner, shared, &Ok(true)),
+            Poll::Ready(Err(e)) if e.is_rate_limited() => {
+                // Refused before it was applied; the driver waits out the window.
+                inner.note_throttled();
+                return hand_back(&inner, shared);
+            }
+            Poll::Ready(Err(_)) => {}
+            // Dropped here, half-way, as below.
+            Poll::Pending => return hand_back(&inner, shared),
+        }
+    }
     // Polled once, in place, without a waker: no box, no counted references. Should it wait
     // after all (a backend that claims to answer at once and does not), it is dropped half-way
     // and the driver releases the lease, as when a guard's `release` future is dropped.
