@@ -374,9 +374,10 @@ impl Client {
 
     /// A fail-fast acquisition of `key` (object `name`; the caller has looked for a local
     /// holder already), done here and now when the backend answers at once: its create is
-    /// polled once, without a waker, and a lock taken costs no future at all. Anything else
-    /// (the lock is held, the backend failed or throttles, or it did not answer at once after
-    /// all) is handed on as the rest of the acquisition.
+    /// polled once, without a waker, and a lock taken needs no acquisition future (only the
+    /// backend's own). Anything else (the lock is held, the backend failed or throttles, or
+    /// it did not answer at once after all) is handed on as the rest of the acquisition,
+    /// which goes on exactly as the acquisition's future would have from that create.
     pub(crate) fn acquire_in_place(&self, key: LockKey, name: String) -> InPlace {
         let inner = &self.inner;
         if inner.shut.load(Ordering::SeqCst) {
@@ -384,8 +385,15 @@ impl Client {
         }
         let cfg = &inner.config;
         let owner = new_owner(&cfg.identity);
-        if !inner.backend.answers_at_once() || inner.recently_throttled() {
-            return self.rest(key, name, owner, None);
+        // A lock taken here may start the lease driver, which needs a runtime; and with the
+        // throttle seen lately, a create is likely refused and then waits anyway.
+        if !inner.backend.answers_at_once() || inner.recently_throttled() || !lease::on_runtime() {
+            let client = self.clone();
+            return InPlace::Rest(Box::pin(async move {
+                client
+                    .create_first(key, name, owner, Contention::Fail)
+                    .await
+            }));
         }
         let md = object::lock_metadata(cfg.ttl, &cfg.ttl_text, &owner, (cfg.clock)());
         let sent = Instant::now();
@@ -394,10 +402,10 @@ impl Client {
             .create(&name, &md)
             .as_mut()
             .poll(&mut Context::from_waker(Waker::noop()));
-        match polled {
+        let known = match polled {
             Poll::Ready(Ok(reply)) => {
                 tracing::debug!(target: "dimutex", key_id = crate::key_id(&key), elapsed_ms = sent.elapsed().as_millis() as u64, "acquired");
-                InPlace::Done(Ok(self.hold(key, name, owner, reply.into_value(), sent)))
+                return InPlace::Done(Ok(self.hold(key, name, owner, reply.into_value(), sent)));
             }
             Poll::Ready(Err(e)) if !e.is_transient() => {
                 let first = Attempted {
@@ -405,48 +413,67 @@ impl Client {
                     ambiguous: false,
                     first_sent: sent,
                 };
-                self.rest(key, name, owner, Some(first))
-            }
-            // A transient failure (the 429 of a throttling backend), or a backend that did not
-            // answer at once after all (its request is dropped half-way): the create is sent
-            // again by the same owner, so that a create of ours that landed after all is found
-            // and adopted, as after a lost reply.
-            Poll::Ready(Err(e)) => {
-                if e.is_rate_limited() {
-                    inner.note_throttled();
-                }
-                self.rest(key, name, owner, None)
-            }
-            Poll::Pending => self.rest(key, name, owner, None),
-        }
-    }
-
-    /// The rest of a fail-fast acquisition begun in place: from its `first` create's outcome,
-    /// or from a (new) create.
-    fn rest(
-        &self,
-        key: LockKey,
-        name: String,
-        owner: Arc<str>,
-        first: Option<Attempted<Reply<ObjectState>>>,
-    ) -> InPlace {
-        let client = self.clone();
-        InPlace::Rest(Box::pin(async move {
-            match first {
-                Some(first) => {
-                    let sent = first.first_sent;
+                let client = self.clone();
+                return InPlace::Rest(Box::pin(async move {
                     let contention = Contention::Fail;
                     client
                         .contended(key, name, owner, contention, sent, false, Some(first))
                         .await
-                }
-                None => {
-                    client
-                        .create_first(key, name, owner, Contention::Fail)
-                        .await
-                }
+                }));
             }
+            // Retried below as the acquisition's future retries it: after the same pause,
+            // within the same budget.
+            Poll::Ready(Err(e)) => Some(e),
+            // A backend that did not answer at once after all: its request is dropped
+            // half-way and sent again below by the same owner, so that a create of ours that
+            // landed after all is found (412, then our owner id) and adopted.
+            Poll::Pending => None,
+        };
+        let client = self.clone();
+        InPlace::Rest(Box::pin(async move {
+            client.create_again(key, name, owner, sent, known).await
         }))
+    }
+
+    /// The rest of an in-place acquisition whose create, sent at `sent`, failed with the
+    /// transient error `known` (or got no answer: `None`).
+    async fn create_again(
+        &self,
+        key: LockKey,
+        name: String,
+        owner: Arc<str>,
+        sent: Instant,
+        mut known: Option<BackendError>,
+    ) -> Result<LockGuard, Error> {
+        let inner = &*self.inner;
+        let cfg = &inner.config;
+        let backend = &*inner.backend;
+        let md = object::lock_metadata(cfg.ttl, &cfg.ttl_text, &owner, (cfg.clock)());
+        let give_up_at = sent + cfg.retry.max_elapsed();
+        let unanswered = known.is_none();
+        let op = || match known.take() {
+            Some(e) => Box::pin(std::future::ready(Err(e))) as BoxFuture<'_, _>,
+            None => backend.create(&name, &md),
+        };
+        let a = inner.call_with(op, Some(give_up_at), true).await;
+        // `sent` stands for every create of this acquisition: the first may have landed, and
+        // the lease is timed from the earliest.
+        let first = Attempted {
+            ambiguous: a.ambiguous || unanswered,
+            first_sent: sent,
+            ..a
+        };
+        match first.result {
+            Ok(reply) => {
+                tracing::debug!(target: "dimutex", key_id = crate::key_id(&key), elapsed_ms = sent.elapsed().as_millis() as u64, "acquired");
+                Ok(self.hold(key, name, owner, reply.into_value(), sent))
+            }
+            Err(_) => {
+                let contention = Contention::Fail;
+                self.contended(key, name, owner, contention, sent, false, Some(first))
+                    .await
+            }
+        }
     }
 
     /// An acquisition by `owner` from its first create on.

@@ -757,7 +757,7 @@ fn ended_by_guard(inner: &Inner, shared: &Arc<LeaseShared>, result: &Result<bool
 /// Whether this thread is in a runtime's context. Inside a task it is, and asking costs a
 /// thread-local read; `Handle::try_current` costs an increment and a decrement of the
 /// runtime's reference count, a cache line every worker thread writes.
-fn on_runtime() -> bool {
+pub(crate) fn on_runtime() -> bool {
     tokio::task::try_id().is_some() || tokio::runtime::Handle::try_current().is_ok()
 }
 

@@ -272,8 +272,11 @@ pub trait Backend: Send + Sync + fmt::Debug + 'static {
 
     /// Whether every request's future is ready on its first poll, without touching the
     /// runtime's timers or I/O (an in-process backend). A dropped guard of such a backend is
-    /// released right in `drop`; otherwise the client's lease driver sends the delete. The
-    /// default is `false`, which is always safe.
+    /// released right in `drop`, and `LockLayer` takes a fail-fast lock within its `call`;
+    /// otherwise the client's lease driver sends the delete, and the layer's response future
+    /// the create. The default is `false`, which is always safe; a backend that claims `true`
+    /// and then makes a request wait costs that request again (the same create or delete,
+    /// sent once more by the same owner, and found landed if it did).
     ///
     /// ```
     /// use dimutex::backend::{Backend, MemoryBackend};

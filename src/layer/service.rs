@@ -113,6 +113,17 @@ where
         let on_rejection = self.layer.on_rejection.clone();
         let settings = self.layer.settings;
         let acquire: Acquire = match (wait, name) {
+            (_, Err(e)) => {
+                let result = Err(e.into());
+                return ResponseFuture::acquired(
+                    result,
+                    request,
+                    inner,
+                    on_rejection,
+                    settings,
+                    log,
+                );
+            }
             (None, Ok(name)) => match client.acquire_in_place(key, name) {
                 InPlace::Done(result) => {
                     return ResponseFuture::acquired(
@@ -126,15 +137,11 @@ where
                 }
                 InPlace::Rest(rest) => rest,
             },
-            (_, name) => Box::pin(async move {
-                let contention = match wait {
-                    Some(wait) => Contention::WaitUntil(Instant::now() + wait),
-                    None => Contention::Fail,
-                };
-                match name {
-                    Ok(name) => client.acquire_named(key, name, contention).await,
-                    Err(e) => Err(e.into()),
-                }
+            (Some(wait), Ok(name)) => Box::pin(async move {
+                let deadline = Instant::now() + wait;
+                client
+                    .acquire_named(key, name, Contention::WaitUntil(deadline))
+                    .await
             }),
         };
         ResponseFuture::acquire(acquire, request, inner, on_rejection, settings, log)
