@@ -404,8 +404,7 @@ impl Client {
             .poll(&mut Context::from_waker(Waker::noop()));
         let known = match polled {
             Poll::Ready(Ok(reply)) => {
-                tracing::debug!(target: "dimutex", key_id = crate::key_id(&key), elapsed_ms = sent.elapsed().as_millis() as u64, "acquired");
-                return InPlace::Done(Ok(self.hold(key, name, owner, reply.into_value(), sent)));
+                return InPlace::Done(Ok(self.took(key, name, owner, reply.into_value(), sent)));
             }
             Poll::Ready(Err(e)) if !e.is_transient() => {
                 let first = Attempted {
@@ -464,10 +463,7 @@ impl Client {
             ..a
         };
         match first.result {
-            Ok(reply) => {
-                tracing::debug!(target: "dimutex", key_id = crate::key_id(&key), elapsed_ms = sent.elapsed().as_millis() as u64, "acquired");
-                Ok(self.hold(key, name, owner, reply.into_value(), sent))
-            }
+            Ok(reply) => Ok(self.took(key, name, owner, reply.into_value(), sent)),
             Err(_) => {
                 let contention = Contention::Fail;
                 self.contended(key, name, owner, contention, sent, false, Some(first))
@@ -496,8 +492,7 @@ impl Client {
             let a = self.write(&name, &owner, contention, None).await;
             match a.result {
                 Ok(reply) => {
-                    tracing::debug!(target: "dimutex", key_id = crate::key_id(&key), elapsed_ms = a.first_sent.elapsed().as_millis() as u64, "acquired");
-                    return Ok(self.hold(key, name, owner, reply.into_value(), a.first_sent));
+                    return Ok(self.took(key, name, owner, reply.into_value(), a.first_sent));
                 }
                 Err(e) => {
                     first = Some(Attempted {
@@ -762,6 +757,19 @@ impl Client {
     /// Turns a backend error that ends an acquisition into the client's error.
     fn failure(&self, e: BackendError) -> Error {
         self.inner.failure(e)
+    }
+
+    /// The lock taken by the create sent at `sent` (its only write): logged, and held.
+    fn took(
+        &self,
+        key: LockKey,
+        name: String,
+        owner: Arc<str>,
+        state: ObjectState,
+        sent: Instant,
+    ) -> LockGuard {
+        tracing::debug!(target: "dimutex", key_id = crate::key_id(&key), elapsed_ms = sent.elapsed().as_millis() as u64, "acquired");
+        self.hold(key, name, owner, state, sent)
     }
 
     fn hold(

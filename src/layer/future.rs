@@ -14,11 +14,12 @@ use tower_service::Service;
 use super::body::LockBody;
 use super::layer::Settings;
 use super::rejection::{OnRejection, Rejection};
+use crate::client::InPlace;
 use crate::error::Error;
 use crate::guard::LockGuard;
 
 /// An acquisition the layer awaits.
-pub(crate) type Acquire = Pin<Box<dyn Future<Output = Result<LockGuard, Error>> + Send>>;
+type Acquire = Pin<Box<dyn Future<Output = Result<LockGuard, Error>> + Send>>;
 
 /// What the debug line of a request's acquisition names: the key's id, and when it began
 /// (read only when that line is on).
@@ -145,10 +146,10 @@ where
     S: Service<Request<ReqBody>>,
     R: OnRejection,
 {
-    /// The response to `request` once its acquisition is over (taken in place, without a
-    /// future).
-    pub(crate) fn acquired(
-        result: Result<LockGuard, Error>,
+    /// The response to `request` after `acquisition`: at once when it is over (a lock taken
+    /// in place, or refused), else once its future is.
+    pub(crate) fn new(
+        acquisition: InPlace,
         request: Request<ReqBody>,
         inner: S,
         on_rejection: R,
@@ -162,9 +163,14 @@ where
             settings,
             log,
         };
-        Self {
-            state: pending.after(result),
-        }
+        let state = match acquisition {
+            InPlace::Done(result) => pending.after(result),
+            InPlace::Rest(acquire) => State::Acquiring {
+                acquire,
+                pending: Some(pending),
+            },
+        };
+        Self { state }
     }
 }
 
@@ -172,28 +178,6 @@ impl<S, ReqBody, R> ResponseFuture<S, ReqBody, R>
 where
     S: Service<Request<ReqBody>>,
 {
-    pub(crate) fn acquire(
-        acquire: Acquire,
-        request: Request<ReqBody>,
-        inner: S,
-        on_rejection: R,
-        settings: Settings,
-        log: AcquireLog,
-    ) -> Self {
-        Self {
-            state: State::Acquiring {
-                acquire,
-                pending: Some(Pending {
-                    request,
-                    inner,
-                    on_rejection,
-                    settings,
-                    log,
-                }),
-            },
-        }
-    }
-
     pub(crate) fn call(
         future: S::Future,
         guard: Option<LockGuard>,

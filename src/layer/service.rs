@@ -9,7 +9,7 @@ use tower_service::Service;
 use crate::client::{Contention, InPlace};
 
 use super::body::LockBody;
-use super::future::{Acquire, AcquireLog, ResponseFuture};
+use super::future::{AcquireLog, ResponseFuture};
 use super::key::KeyExtractor;
 use super::layer::LockLayer;
 use super::rejection::{OnRejection, Rejection};
@@ -112,38 +112,16 @@ where
         let request = Request::from_parts(parts, body);
         let on_rejection = self.layer.on_rejection.clone();
         let settings = self.layer.settings;
-        let acquire: Acquire = match (wait, name) {
-            (_, Err(e)) => {
-                let result = Err(e.into());
-                return ResponseFuture::acquired(
-                    result,
-                    request,
-                    inner,
-                    on_rejection,
-                    settings,
-                    log,
-                );
-            }
-            (None, Ok(name)) => match client.acquire_in_place(key, name) {
-                InPlace::Done(result) => {
-                    return ResponseFuture::acquired(
-                        result,
-                        request,
-                        inner,
-                        on_rejection,
-                        settings,
-                        log,
-                    );
-                }
-                InPlace::Rest(rest) => rest,
-            },
-            (Some(wait), Ok(name)) => Box::pin(async move {
+        let acquisition = match (wait, name) {
+            (_, Err(e)) => InPlace::Done(Err(e.into())),
+            (None, Ok(name)) => client.acquire_in_place(key, name),
+            (Some(wait), Ok(name)) => InPlace::Rest(Box::pin(async move {
                 let deadline = Instant::now() + wait;
                 client
                     .acquire_named(key, name, Contention::WaitUntil(deadline))
                     .await
-            }),
+            })),
         };
-        ResponseFuture::acquire(acquire, request, inner, on_rejection, settings, log)
+        ResponseFuture::new(acquisition, request, inner, on_rejection, settings, log)
     }
 }
