@@ -5,12 +5,12 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::task::{Context, Poll, Waker};
+use std::task::Poll;
 use std::time::{Duration, Instant, SystemTime};
 
 use tokio::sync::watch;
 
-use crate::backend::{Backend, BackendError, BoxFuture, ObjectState, Reply};
+use crate::backend::{Backend, BackendError, BackendFuture, ObjectState, Reply};
 use crate::backoff::{Backoff, RetryPolicy};
 use crate::deadline;
 use crate::error::{ConfigError, Error, ShutdownTimeout};
@@ -397,11 +397,7 @@ impl Client {
         }
         let md = object::lock_metadata(cfg.ttl, &cfg.ttl_text, &owner, (cfg.clock)());
         let sent = Instant::now();
-        let polled = inner
-            .backend
-            .create(&name, &md)
-            .as_mut()
-            .poll(&mut Context::from_waker(Waker::noop()));
+        let polled = inner.backend.create(&name, &md).answer_now();
         let known = match polled {
             Poll::Ready(Ok(reply)) => {
                 return InPlace::Done(Ok(self.took(key, name, owner, reply.into_value(), sent)));
@@ -451,7 +447,7 @@ impl Client {
         let give_up_at = sent + cfg.retry.max_elapsed();
         let unanswered = known.is_none();
         let op = || match known.take() {
-            Some(e) => Box::pin(std::future::ready(Err(e))) as BoxFuture<'_, _>,
+            Some(e) => BackendFuture::ready(Err(e)),
             None => backend.create(&name, &md),
         };
         let a = inner.call_with(op, Some(give_up_at), true).await;
@@ -804,7 +800,7 @@ impl Client {
         retry_rate_limited: bool,
     ) -> impl Future<Output = Attempted<T>> + 'a
     where
-        F: FnMut() -> BoxFuture<'a, Result<T, BackendError>> + 'a,
+        F: FnMut() -> BackendFuture<'a, Result<T, BackendError>> + 'a,
         T: 'a,
     {
         self.inner.call_with(op, None, retry_rate_limited)
@@ -858,7 +854,7 @@ impl Inner {
         give_up_at: Option<Instant>,
     ) -> impl Future<Output = Attempted<T>> + 'a
     where
-        F: FnMut() -> BoxFuture<'a, Result<T, BackendError>> + 'a,
+        F: FnMut() -> BackendFuture<'a, Result<T, BackendError>> + 'a,
         T: 'a,
     {
         self.call_with(op, give_up_at, true)
@@ -872,7 +868,7 @@ impl Inner {
         retry_rate_limited: bool,
     ) -> Attempted<T>
     where
-        F: FnMut() -> BoxFuture<'a, Result<T, BackendError>>,
+        F: FnMut() -> BackendFuture<'a, Result<T, BackendError>>,
     {
         let first_sent = Instant::now();
         let give_up_at = give_up_at.unwrap_or(first_sent + self.config.retry.max_elapsed());

@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use tokio::sync::{mpsc, watch};
 
-use crate::backend::{BackendError, BoxFuture, Reply, Version};
+use crate::backend::{BackendError, BackendFuture, Reply, Version};
 use crate::client::{Attempted, Inner, MUTATION_WINDOW};
 use crate::error::Error;
 use crate::guard::{Claim, LeaseShared, LeaseState, ReleaseRequest};
@@ -684,8 +684,7 @@ pub(crate) fn release_on_drop(inner: Arc<Inner>, shared: &Arc<LeaseShared>) {
         let polled = inner
             .backend
             .release(shared.name(), state.version)
-            .as_mut()
-            .poll(&mut Context::from_waker(std::task::Waker::noop()));
+            .answer_now();
         match polled {
             Poll::Ready(Ok(_)) => return ended_by_guard(&inner, shared, &Ok(true)),
             Poll::Ready(Err(e)) if e.is_rate_limited() => {
@@ -882,7 +881,7 @@ async fn refresh(
 /// `None` once the deadline has passed.
 async fn by_deadline<'a, T, F>(inner: &'a Inner, deadline: Instant, op: F) -> Option<Attempted<T>>
 where
-    F: FnMut() -> BoxFuture<'a, Result<T, BackendError>> + 'a,
+    F: FnMut() -> BackendFuture<'a, Result<T, BackendError>> + 'a,
     T: 'a,
 {
     tokio::time::timeout_at(deadline.into(), inner.call(op, Some(deadline)))

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use axum::Router;
 use axum::routing::{get, post};
 use bytes::Bytes;
-use dimutex::backend::{Backend, GcsBackend, MemoryBackend};
+use dimutex::backend::{Backend, BackendFuture, GcsBackend, MemoryBackend};
 use dimutex::layer::{FromHeader, FromPathParam, LockLayer, Rejection};
 use dimutex::testing::{FakeGcs, Fault};
 use dimutex::{Client, HeldLock};
@@ -141,7 +141,7 @@ async fn t10_uncontended_request_costs_two_and_held_here_costs_zero() {
 #[derive(Debug, Clone)]
 struct LateCreates(MemoryBackend);
 
-type Written<'a> = dimutex::backend::BoxFuture<
+type Written<'a> = BackendFuture<
     'a,
     Result<dimutex::backend::Reply<dimutex::backend::ObjectState>, dimutex::backend::BackendError>,
 >;
@@ -154,7 +154,7 @@ impl Backend for LateCreates {
     ) -> Written<'a> {
         // The memory backend writes when called, before its future is polled.
         let landed = self.0.create(name, metadata);
-        Box::pin(async move {
+        BackendFuture::new(async move {
             tokio::task::yield_now().await;
             landed.await
         })
@@ -163,7 +163,7 @@ impl Backend for LateCreates {
     fn inspect<'a>(
         &'a self,
         name: &'a str,
-    ) -> dimutex::backend::BoxFuture<
+    ) -> BackendFuture<
         'a,
         Result<
             dimutex::backend::Reply<Option<dimutex::backend::ObjectState>>,
@@ -195,10 +195,8 @@ impl Backend for LateCreates {
         &'a self,
         name: &'a str,
         expected: dimutex::backend::Version,
-    ) -> dimutex::backend::BoxFuture<
-        'a,
-        Result<dimutex::backend::Reply<()>, dimutex::backend::BackendError>,
-    > {
+    ) -> BackendFuture<'a, Result<dimutex::backend::Reply<()>, dimutex::backend::BackendError>>
+    {
         self.0.release(name, expected)
     }
 

@@ -8,7 +8,7 @@ use bytes::Bytes;
 use http::{HeaderMap, StatusCode};
 use serde::Deserialize;
 
-use super::{Backend, BackendError, BoxFuture, Metadata, ObjectState, Reply, Version};
+use super::{Backend, BackendError, BackendFuture, Metadata, ObjectState, Reply, Version};
 
 /// The production endpoint of the GCS JSON API.
 pub const GCS_ENDPOINT: &str = "https://storage.googleapis.com";
@@ -345,8 +345,8 @@ impl Backend for GcsBackend {
         &'a self,
         name: &'a str,
         metadata: &'a Metadata,
-    ) -> BoxFuture<'a, Result<Reply<ObjectState>, BackendError>> {
-        Box::pin(async move {
+    ) -> BackendFuture<'a, Result<Reply<ObjectState>, BackendError>> {
+        BackendFuture::new(async move {
             self.write(name, self.upload(name, metadata, None), 1)
                 .await
                 .map_err(|e| match e {
@@ -360,8 +360,8 @@ impl Backend for GcsBackend {
     fn inspect<'a>(
         &'a self,
         name: &'a str,
-    ) -> BoxFuture<'a, Result<Reply<Option<ObjectState>>, BackendError>> {
-        Box::pin(async move {
+    ) -> BackendFuture<'a, Result<Reply<Option<ObjectState>>, BackendError>> {
+        BackendFuture::new(async move {
             let r = self.send(self.http.get(self.object_url(name))).await?;
             if r.status.is_success() {
                 let state = parse_object(&r.body, None)?;
@@ -379,8 +379,8 @@ impl Backend for GcsBackend {
         name: &'a str,
         expected: Version,
         metadata: &'a Metadata,
-    ) -> BoxFuture<'a, Result<Reply<ObjectState>, BackendError>> {
-        Box::pin(async move {
+    ) -> BackendFuture<'a, Result<Reply<ObjectState>, BackendError>> {
+        BackendFuture::new(async move {
             self.write(name, self.upload(name, metadata, Some(expected)), 1)
                 .await
         })
@@ -391,8 +391,8 @@ impl Backend for GcsBackend {
         name: &'a str,
         expected: Version,
         metadata: &'a Metadata,
-    ) -> BoxFuture<'a, Result<Reply<ObjectState>, BackendError>> {
-        Box::pin(async move {
+    ) -> BackendFuture<'a, Result<Reply<ObjectState>, BackendError>> {
+        BackendFuture::new(async move {
             #[derive(serde::Serialize)]
             struct Patch<'a> {
                 metadata: &'a Metadata,
@@ -415,8 +415,8 @@ impl Backend for GcsBackend {
         &'a self,
         name: &'a str,
         expected: Version,
-    ) -> BoxFuture<'a, Result<Reply<()>, BackendError>> {
-        Box::pin(async move {
+    ) -> BackendFuture<'a, Result<Reply<()>, BackendError>> {
+        BackendFuture::new(async move {
             let request = self.http.delete(self.object_url_if(name, expected));
             let r = self.send(request).await?;
             if r.status.is_success() {

@@ -4,7 +4,7 @@ use std::borrow::Cow;
 use std::sync::Arc;
 
 use super::store::{Preconditions, Store, StoreError, StoredObject};
-use super::{Backend, BackendError, BoxFuture, Metadata, ObjectState, Reply, Version};
+use super::{Backend, BackendError, BackendFuture, Metadata, ObjectState, Reply, Version};
 
 /// A lock backend that keeps lock objects in this process, with the semantics of GCS:
 /// generations, metagenerations, preconditions, a server clock, and (optionally) GCS's limit of
@@ -166,25 +166,25 @@ impl Backend for MemoryBackend {
         &'a self,
         name: &'a str,
         metadata: &'a Metadata,
-    ) -> BoxFuture<'a, Result<Reply<ObjectState>, BackendError>> {
+    ) -> BackendFuture<'a, Result<Reply<ObjectState>, BackendError>> {
         let pre = Preconditions {
             if_generation_match: Some(0),
             ..Preconditions::default()
         };
         let out = self.write_lock(name, metadata, pre);
-        Box::pin(async move { out })
+        BackendFuture::ready(out)
     }
 
     fn inspect<'a>(
         &'a self,
         name: &'a str,
-    ) -> BoxFuture<'a, Result<Reply<Option<ObjectState>>, BackendError>> {
+    ) -> BackendFuture<'a, Result<Reply<Option<ObjectState>>, BackendError>> {
         let out = match self.store.get(name) {
             Ok(o) => Ok(self.reply(Some(state(o)))),
             Err(StoreError::NotFound) => Ok(self.reply(None)),
             Err(e) => Err(self.error(e)),
         };
-        Box::pin(async move { out })
+        BackendFuture::ready(out)
     }
 
     fn takeover<'a>(
@@ -192,9 +192,9 @@ impl Backend for MemoryBackend {
         name: &'a str,
         expected: Version,
         metadata: &'a Metadata,
-    ) -> BoxFuture<'a, Result<Reply<ObjectState>, BackendError>> {
+    ) -> BackendFuture<'a, Result<Reply<ObjectState>, BackendError>> {
         let out = self.write_lock(name, metadata, matching(expected));
-        Box::pin(async move { out })
+        BackendFuture::ready(out)
     }
 
     fn refresh<'a>(
@@ -202,24 +202,24 @@ impl Backend for MemoryBackend {
         name: &'a str,
         expected: Version,
         metadata: &'a Metadata,
-    ) -> BoxFuture<'a, Result<Reply<ObjectState>, BackendError>> {
+    ) -> BackendFuture<'a, Result<Reply<ObjectState>, BackendError>> {
         let patch = metadata.changes().collect();
         let result = self.store.patch(name, patch, matching(expected));
         let out = self.write_result(result);
-        Box::pin(async move { out })
+        BackendFuture::ready(out)
     }
 
     fn release<'a>(
         &'a self,
         name: &'a str,
         expected: Version,
-    ) -> BoxFuture<'a, Result<Reply<()>, BackendError>> {
+    ) -> BackendFuture<'a, Result<Reply<()>, BackendError>> {
         let out = self
             .store
             .delete(name, matching(expected))
             .map(|()| self.reply(()))
             .map_err(|e| self.error(e));
-        Box::pin(async move { out })
+        BackendFuture::ready(out)
     }
 
     /// Every request is done before its future is first polled.

@@ -6,23 +6,20 @@
 //! resolution and expiry judgement all live in the client, so every backend gets them the same.
 
 use std::fmt;
-use std::future::Future;
-use std::pin::Pin;
 use std::time::{Duration, SystemTime};
 
+mod future;
 #[cfg(feature = "gcs")]
 mod gcs;
 mod memory;
 mod metadata;
 pub(crate) mod store;
 
+pub use future::BackendFuture;
 #[cfg(feature = "gcs")]
 pub use gcs::{GCS_ENDPOINT, GcsBackend, GcsBackendBuilder, GcsConfigError, SCOPE};
 pub use memory::MemoryBackend;
 pub use metadata::Metadata;
-
-/// A boxed, sendable future, as returned by [`Backend`] methods.
-pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
 /// The two version numbers of a GCS object that every conditional write names.
 ///
@@ -224,6 +221,9 @@ impl BackendError {
 /// retry. Implementations map HTTP 412 to [`BackendError::PreconditionFailed`], a missing object
 /// to [`BackendError::NotFound`], and failures worth retrying to [`BackendError::Transient`].
 ///
+/// Each returns a [`BackendFuture`]: [`BackendFuture::ready`] when the answer is known by the
+/// time the method returns (no allocation), [`BackendFuture::new`] for a request that waits.
+///
 /// The crate ships [`GcsBackend`] (feature `gcs`) and
 /// [`MemoryBackend`]; implement this trait to put locks elsewhere.
 ///
@@ -239,13 +239,13 @@ pub trait Backend: Send + Sync + fmt::Debug + 'static {
         &'a self,
         name: &'a str,
         metadata: &'a Metadata,
-    ) -> BoxFuture<'a, Result<Reply<ObjectState>, BackendError>>;
+    ) -> BackendFuture<'a, Result<Reply<ObjectState>, BackendError>>;
 
     /// Reads the object; `None` when there is none.
     fn inspect<'a>(
         &'a self,
         name: &'a str,
-    ) -> BoxFuture<'a, Result<Reply<Option<ObjectState>>, BackendError>>;
+    ) -> BackendFuture<'a, Result<Reply<Option<ObjectState>>, BackendError>>;
 
     /// Overwrites the object in one request, only if it is still at `expected`.
     fn takeover<'a>(
@@ -253,7 +253,7 @@ pub trait Backend: Send + Sync + fmt::Debug + 'static {
         name: &'a str,
         expected: Version,
         metadata: &'a Metadata,
-    ) -> BoxFuture<'a, Result<Reply<ObjectState>, BackendError>>;
+    ) -> BackendFuture<'a, Result<Reply<ObjectState>, BackendError>>;
 
     /// Merges `metadata` into the object's metadata, only if it is still at `expected`.
     fn refresh<'a>(
@@ -261,17 +261,18 @@ pub trait Backend: Send + Sync + fmt::Debug + 'static {
         name: &'a str,
         expected: Version,
         metadata: &'a Metadata,
-    ) -> BoxFuture<'a, Result<Reply<ObjectState>, BackendError>>;
+    ) -> BackendFuture<'a, Result<Reply<ObjectState>, BackendError>>;
 
     /// Deletes the object, only if it is still at `expected`.
     fn release<'a>(
         &'a self,
         name: &'a str,
         expected: Version,
-    ) -> BoxFuture<'a, Result<Reply<()>, BackendError>>;
+    ) -> BackendFuture<'a, Result<Reply<()>, BackendError>>;
 
     /// Whether every request's future is ready on its first poll, without touching the
-    /// runtime's timers or I/O (an in-process backend). A dropped guard of such a backend is
+    /// runtime's timers or I/O (an in-process backend, answering with
+    /// [`BackendFuture::ready`]). A dropped guard of such a backend is
     /// released right in `drop`, and `LockLayer` takes a fail-fast lock within its `call`;
     /// otherwise the client's lease driver sends the delete, and the layer's response future
     /// the create. The default is `false`, which is always safe; a backend that claims `true`
@@ -292,14 +293,14 @@ impl<B: Backend + ?Sized> Backend for std::sync::Arc<B> {
         &'a self,
         name: &'a str,
         metadata: &'a Metadata,
-    ) -> BoxFuture<'a, Result<Reply<ObjectState>, BackendError>> {
+    ) -> BackendFuture<'a, Result<Reply<ObjectState>, BackendError>> {
         (**self).create(name, metadata)
     }
 
     fn inspect<'a>(
         &'a self,
         name: &'a str,
-    ) -> BoxFuture<'a, Result<Reply<Option<ObjectState>>, BackendError>> {
+    ) -> BackendFuture<'a, Result<Reply<Option<ObjectState>>, BackendError>> {
         (**self).inspect(name)
     }
 
@@ -308,7 +309,7 @@ impl<B: Backend + ?Sized> Backend for std::sync::Arc<B> {
         name: &'a str,
         expected: Version,
         metadata: &'a Metadata,
-    ) -> BoxFuture<'a, Result<Reply<ObjectState>, BackendError>> {
+    ) -> BackendFuture<'a, Result<Reply<ObjectState>, BackendError>> {
         (**self).takeover(name, expected, metadata)
     }
 
@@ -317,7 +318,7 @@ impl<B: Backend + ?Sized> Backend for std::sync::Arc<B> {
         name: &'a str,
         expected: Version,
         metadata: &'a Metadata,
-    ) -> BoxFuture<'a, Result<Reply<ObjectState>, BackendError>> {
+    ) -> BackendFuture<'a, Result<Reply<ObjectState>, BackendError>> {
         (**self).refresh(name, expected, metadata)
     }
 
@@ -325,7 +326,7 @@ impl<B: Backend + ?Sized> Backend for std::sync::Arc<B> {
         &'a self,
         name: &'a str,
         expected: Version,
-    ) -> BoxFuture<'a, Result<Reply<()>, BackendError>> {
+    ) -> BackendFuture<'a, Result<Reply<()>, BackendError>> {
         (**self).release(name, expected)
     }
 

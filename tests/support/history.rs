@@ -23,7 +23,9 @@ use std::fmt;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-use dimutex::backend::{Backend, BackendError, BoxFuture, Metadata, ObjectState, Reply, Version};
+use dimutex::backend::{
+    Backend, BackendError, BackendFuture, Metadata, ObjectState, Reply, Version,
+};
 
 use super::fenced::Resource;
 
@@ -340,9 +342,9 @@ impl Backend for Recording {
         &'a self,
         name: &'a str,
         metadata: &'a Metadata,
-    ) -> BoxFuture<'a, Result<Reply<ObjectState>, BackendError>> {
+    ) -> BackendFuture<'a, Result<Reply<ObjectState>, BackendError>> {
         let pending = self.pending(Kind::Create, name, None);
-        Box::pin(async move {
+        BackendFuture::new(async move {
             let r = self.inner.create(name, metadata).await;
             pending.finish(&r, written);
             r
@@ -352,9 +354,9 @@ impl Backend for Recording {
     fn inspect<'a>(
         &'a self,
         name: &'a str,
-    ) -> BoxFuture<'a, Result<Reply<Option<ObjectState>>, BackendError>> {
+    ) -> BackendFuture<'a, Result<Reply<Option<ObjectState>>, BackendError>> {
         let pending = self.pending(Kind::Inspect, name, None);
-        Box::pin(async move {
+        BackendFuture::new(async move {
             let r = self.inner.inspect(name).await;
             pending.finish(&r, read);
             r
@@ -366,9 +368,9 @@ impl Backend for Recording {
         name: &'a str,
         expected: Version,
         metadata: &'a Metadata,
-    ) -> BoxFuture<'a, Result<Reply<ObjectState>, BackendError>> {
+    ) -> BackendFuture<'a, Result<Reply<ObjectState>, BackendError>> {
         let pending = self.pending(Kind::Takeover, name, Some(expected));
-        Box::pin(async move {
+        BackendFuture::new(async move {
             let r = self.inner.takeover(name, expected, metadata).await;
             pending.finish(&r, written);
             r
@@ -380,9 +382,9 @@ impl Backend for Recording {
         name: &'a str,
         expected: Version,
         metadata: &'a Metadata,
-    ) -> BoxFuture<'a, Result<Reply<ObjectState>, BackendError>> {
+    ) -> BackendFuture<'a, Result<Reply<ObjectState>, BackendError>> {
         let pending = self.pending(Kind::Refresh, name, Some(expected));
-        Box::pin(async move {
+        BackendFuture::new(async move {
             let r = self.inner.refresh(name, expected, metadata).await;
             pending.finish(&r, written);
             r
@@ -393,9 +395,9 @@ impl Backend for Recording {
         &'a self,
         name: &'a str,
         expected: Version,
-    ) -> BoxFuture<'a, Result<Reply<()>, BackendError>> {
+    ) -> BackendFuture<'a, Result<Reply<()>, BackendError>> {
         let pending = self.pending(Kind::Delete, name, Some(expected));
-        Box::pin(async move {
+        BackendFuture::new(async move {
             let r = self.inner.release(name, expected).await;
             pending.finish(&r, deleted);
             r
