@@ -10,7 +10,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use tokio::sync::watch;
 
-use crate::backend::{Backend, BackendError, BackendFuture, ObjectState, Reply};
+use crate::backend::{Backend, BackendError, BackendFuture, MetadataValue, ObjectState, Reply};
 use crate::backoff::{Backoff, RetryPolicy};
 use crate::deadline;
 use crate::error::{ConfigError, Error, ShutdownTimeout};
@@ -75,7 +75,7 @@ pub(crate) struct Config {
     pub(crate) prefix: String,
     pub(crate) ttl: Duration,
     /// `ttl` as the lock object's metadata writes it (shared by every lock's metadata).
-    pub(crate) ttl_text: Arc<str>,
+    pub(crate) ttl_text: MetadataValue,
     pub(crate) refresh_interval: Duration,
     pub(crate) identity: String,
     pub(crate) request_timeout: Duration,

@@ -20,7 +20,7 @@ use time::OffsetDateTime;
 use time::format_description::BorrowedFormatItem;
 use time::macros::format_description;
 
-use crate::backend::{Metadata, ObjectState, Version};
+use crate::backend::{Metadata, MetadataValue, ObjectState, Version};
 
 pub(crate) const TTL: &str = "ttl";
 pub(crate) const OWNER: &str = "owner";
@@ -39,7 +39,7 @@ const EXPIRES_FORMAT: &[BorrowedFormatItem<'static>] =
 /// this runs on every acquisition and refresh, and the format interpreter of `time` costs
 /// several times more. The calendar part is worked out once per second per thread. Times
 /// before 1970 or after 9999 (a broken wall clock) are written as the epoch.
-pub(crate) fn format_expires(at: SystemTime) -> Arc<str> {
+pub(crate) fn format_expires(at: SystemTime) -> MetadataValue {
     thread_local! {
         /// The last second formatted on this thread, and its "YYYY-DD-MM HH:MM:SS".
         static SECOND: Cell<(u64, [u8; 19])> = const { Cell::new((u64::MAX, [0; 19])) };
@@ -49,7 +49,7 @@ pub(crate) fn format_expires(at: SystemTime) -> Arc<str> {
         .ok()
         .filter(|d| d.as_secs() <= LAST_SECOND_OF_9999);
     let (secs, micros) = since_epoch.map_or((0, 0), |d| (d.as_secs(), d.subsec_micros()));
-    // "YYYY-DD-MM HH:MM:SS.ffffff UTC", written in place: the only allocation is the result.
+    // "YYYY-DD-MM HH:MM:SS.ffffff UTC", written in place, and held inline: no allocation.
     let mut out = *b"0000-00-00 00:00:00.000000 UTC";
     let cached = SECOND.try_with(Cell::get).ok().filter(|&(s, _)| s == secs);
     let date = match cached {
@@ -63,7 +63,7 @@ pub(crate) fn format_expires(at: SystemTime) -> Arc<str> {
     out[..19].copy_from_slice(&date);
     put_digits(&mut out[20..26], micros);
     // ASCII digits and separators.
-    Arc::from(std::str::from_utf8(&out).unwrap_or_default())
+    MetadataValue::from(std::str::from_utf8(&out).unwrap_or_default())
 }
 
 /// 9999-12-31 23:59:59 UTC, in seconds since the epoch.
@@ -118,21 +118,21 @@ pub(crate) fn parse_ttl(s: &str) -> Option<Duration> {
 /// The metadata of a fresh lock; `ttl_text` is [`format_ttl`] of `ttl` (made once per client).
 pub(crate) fn lock_metadata(
     ttl: Duration,
-    ttl_text: &Arc<str>,
+    ttl_text: &MetadataValue,
     owner: &Arc<str>,
     wall_now: SystemTime,
 ) -> Metadata {
-    debug_assert_eq!(**ttl_text, format_ttl(ttl));
-    Metadata::from([
-        (TTL, ttl_text.clone()),
-        (OWNER, owner.clone()),
+    debug_assert_eq!(ttl_text.as_str(), format_ttl(ttl));
+    Metadata::from_sorted([
         (EXPIRES, format_expires(wall_now + ttl)),
+        (OWNER, MetadataValue::from(owner.clone())),
+        (TTL, ttl_text.clone()),
     ])
 }
 
 /// The metadata a refresh merges in.
 pub(crate) fn refresh_metadata(ttl: Duration, wall_now: SystemTime) -> Metadata {
-    Metadata::from([(EXPIRES, format_expires(wall_now + ttl))])
+    Metadata::from_sorted([(EXPIRES, format_expires(wall_now + ttl))])
 }
 
 /// The owner recorded in a lock object, if any.

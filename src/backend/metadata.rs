@@ -7,15 +7,109 @@ use std::sync::Arc;
 use serde::de::{Deserialize, Deserializer, MapAccess, Visitor};
 use serde::ser::{Serialize, SerializeMap, Serializer};
 
-type Entry = (Cow<'static, str>, Arc<str>);
+type Entry = (Cow<'static, str>, Value);
+
+/// The longest value held inline: the 30 bytes of an `expires`, written at every acquisition
+/// and refresh, and a `ttl`, cost no allocation of their own.
+const INLINE_MAX: usize = 30;
+
+/// A metadata value: held inline when short, otherwise a shared string (an owner id, shared
+/// by the lease and every object state that carries it).
+#[derive(Clone)]
+pub(crate) enum Value {
+    Inline { len: u8, bytes: [u8; INLINE_MAX] },
+    Shared(Arc<str>),
+}
+
+impl Value {
+    pub(crate) fn as_str(&self) -> &str {
+        match self {
+            // Only ever written from a `&str` of `len` bytes.
+            Value::Inline { len, bytes } => {
+                std::str::from_utf8(&bytes[..usize::from(*len)]).unwrap_or_default()
+            }
+            Value::Shared(s) => s,
+        }
+    }
+
+    fn into_shared(self) -> Arc<str> {
+        match self {
+            Value::Shared(s) => s,
+            inline => inline.as_str().into(),
+        }
+    }
+}
+
+impl From<&str> for Value {
+    /// Inline if it fits, else one allocation.
+    fn from(s: &str) -> Self {
+        if s.len() <= INLINE_MAX {
+            let mut bytes = [0; INLINE_MAX];
+            bytes[..s.len()].copy_from_slice(s.as_bytes());
+            Value::Inline {
+                len: s.len() as u8,
+                bytes,
+            }
+        } else {
+            Value::Shared(s.into())
+        }
+    }
+}
+
+impl From<String> for Value {
+    fn from(s: String) -> Self {
+        if s.len() <= INLINE_MAX {
+            Value::from(s.as_str())
+        } else {
+            Value::Shared(s.into())
+        }
+    }
+}
+
+impl From<Arc<str>> for Value {
+    /// Shared as it is.
+    fn from(s: Arc<str>) -> Self {
+        Value::Shared(s)
+    }
+}
+
+impl std::ops::Deref for Value {
+    type Target = str;
+
+    fn deref(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl PartialEq for Value {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_str() == other.as_str()
+    }
+}
+
+impl Eq for Value {}
+
+impl std::hash::Hash for Value {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.as_str().hash(state);
+    }
+}
+
+impl fmt::Debug for Value {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self.as_str(), f)
+    }
+}
 
 /// Custom metadata of a lock object (`metadata` in the GCS object resource): string keys to
 /// string values, kept sorted by key.
 ///
 /// Every lock acquisition builds one and every reply carries one, so it is made to be cheap:
 /// the entries live in one shared allocation (a clone shares them, it does not copy), keys
-/// known at compile time are not copied at all, and values are shared strings (`Arc<str>`), so
-/// a value used in many objects is one allocation. Changing an entry copies the entries once.
+/// known at compile time are not copied at all, values are shared strings (`Arc<str>`), so a
+/// value used in many objects is one allocation, and short values read from JSON or written by
+/// this crate (an `expires`, a `ttl`) live within the entries. Changing an entry copies the
+/// entries once.
 ///
 /// ```
 /// use dimutex::backend::Metadata;
@@ -59,7 +153,7 @@ impl Metadata {
     /// ```
     pub fn get(&self, key: &str) -> Option<&str> {
         let i = self.find(key).ok()?;
-        Some(&self.entries()[i].1)
+        Some(self.entries()[i].1.as_str())
     }
 
     /// Whether `key` is set.
@@ -84,10 +178,10 @@ impl Metadata {
         value: impl Into<Arc<str>>,
     ) -> Option<Arc<str>> {
         let key = key.into();
-        let value = value.into();
+        let value = Value::from(value.into());
         let mut entries = self.entries().to_vec();
         let old = match self.find(&key) {
-            Ok(i) => Some(std::mem::replace(&mut entries[i].1, value)),
+            Ok(i) => Some(std::mem::replace(&mut entries[i].1, value).into_shared()),
             Err(i) => {
                 entries.insert(i, (key, value));
                 None
@@ -109,7 +203,7 @@ impl Metadata {
         let mut entries = self.entries().to_vec();
         let (_, old) = entries.remove(i);
         self.entries = (!entries.is_empty()).then(|| entries.into());
-        Some(old)
+        Some(old.into_shared())
     }
 
     /// The entries, sorted by key.
@@ -119,13 +213,11 @@ impl Metadata {
     /// assert_eq!(md.iter().collect::<Vec<_>>(), [("a", "1"), ("b", "2")]);
     /// ```
     pub fn iter(&self) -> impl ExactSizeIterator<Item = (&str, &str)> + '_ {
-        self.entries().iter().map(|(k, v)| (&**k, &**v))
+        self.entries().iter().map(|(k, v)| (&**k, v.as_str()))
     }
 
     /// The entries as changes that set them (what a PATCH of this metadata does).
-    pub(crate) fn changes(
-        &self,
-    ) -> impl Iterator<Item = (Cow<'static, str>, Option<Arc<str>>)> + '_ {
+    pub(crate) fn changes(&self) -> impl Iterator<Item = (Cow<'static, str>, Option<Value>)> + '_ {
         self.entries()
             .iter()
             .map(|(k, v)| (k.clone(), Some(v.clone())))
@@ -142,7 +234,7 @@ impl Metadata {
     }
 
     /// This metadata with `changes` applied in order (`None` removes the key), copied once.
-    pub(crate) fn merged<K: Into<Cow<'static, str>>, V: Into<Arc<str>>>(
+    pub(crate) fn merged<K: Into<Cow<'static, str>>, V: Into<Value>>(
         &self,
         changes: impl IntoIterator<Item = (K, Option<V>)>,
     ) -> Self {
@@ -161,6 +253,15 @@ impl Metadata {
         }
         Self {
             entries: (!entries.is_empty()).then(|| entries.into()),
+        }
+    }
+
+    /// Metadata of `pairs`, given in strictly increasing key order: one allocation.
+    pub(crate) fn from_sorted<const N: usize>(pairs: [(&'static str, Value); N]) -> Self {
+        debug_assert!(pairs.windows(2).all(|w| w[0].0 < w[1].0));
+        let entries = pairs.map(|(k, v)| (Cow::Borrowed(k), v));
+        Self {
+            entries: (N > 0).then(|| Arc::from(entries)),
         }
     }
 
@@ -188,7 +289,7 @@ where
 {
     /// Metadata from key-value pairs; one allocation when the keys are distinct.
     fn from(pairs: [(K, V); N]) -> Self {
-        let mut entries = pairs.map(|(k, v)| (k.into(), v.into()));
+        let mut entries = pairs.map(|(k, v)| (k.into(), Value::from(v.into())));
         entries.sort_by(|a, b| a.0.cmp(&b.0));
         if N == 0 {
             Self::default()
@@ -210,7 +311,7 @@ where
     fn from_iter<I: IntoIterator<Item = (K, V)>>(iter: I) -> Self {
         Self::from_vec(
             iter.into_iter()
-                .map(|(k, v)| (k.into(), v.into()))
+                .map(|(k, v)| (k.into(), Value::from(v.into())))
                 .collect(),
         )
     }
@@ -261,7 +362,7 @@ impl<'de> Deserialize<'de> for Metadata {
             }
             fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Metadata, A::Error> {
                 let mut entries = Vec::with_capacity(map.size_hint().unwrap_or(0).min(64));
-                while let Some((k, SharedStr(v))) = map.next_entry::<String, SharedStr>()? {
+                while let Some((k, ValueStr(v))) = map.next_entry::<String, ValueStr>()? {
                     entries.push((Cow::Owned(k), v));
                 }
                 Ok(Metadata::from_vec(entries))
@@ -271,19 +372,20 @@ impl<'de> Deserialize<'de> for Metadata {
     }
 }
 
-/// A JSON string read straight into an `Arc<str>` (one allocation, no intermediate `String`).
-struct SharedStr(Arc<str>);
+/// A JSON string read straight into a [`Value`] (inline, or one allocation; no intermediate
+/// `String`).
+struct ValueStr(Value);
 
-impl<'de> Deserialize<'de> for SharedStr {
+impl<'de> Deserialize<'de> for ValueStr {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         struct StrVisitor;
         impl Visitor<'_> for StrVisitor {
-            type Value = SharedStr;
+            type Value = ValueStr;
             fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
                 f.write_str("a string")
             }
-            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<SharedStr, E> {
-                Ok(SharedStr(v.into()))
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<ValueStr, E> {
+                Ok(ValueStr(v.into()))
             }
         }
         deserializer.deserialize_str(StrVisitor)
@@ -342,6 +444,36 @@ mod tests {
             md.merged([("a", None::<&str>), ("b", None)]),
             Metadata::new()
         );
+    }
+
+    #[test]
+    fn short_values_live_inline_and_equal_shared_ones() {
+        use std::hash::BuildHasher;
+        let expires = "2026-26-11 06:22:41.123456 UTC";
+        let long = "x".repeat(INLINE_MAX + 1);
+        assert_eq!(expires.len(), INLINE_MAX);
+        assert!(matches!(Value::from(expires), Value::Inline { .. }));
+        assert!(matches!(
+            Value::from(String::from("ünïcödé")),
+            Value::Inline { .. }
+        ));
+        assert!(matches!(Value::from(&*long), Value::Shared(_)));
+        assert!(matches!(Value::from(long.clone()), Value::Shared(_)));
+
+        let json = format!(r#"{{"expires":"{expires}","owner":"{long}"}}"#);
+        let parsed: Metadata = serde_json::from_str(&json).unwrap();
+        assert!(matches!(parsed.entries()[0].1, Value::Inline { .. }));
+        let built = Metadata::from([("owner", &*long), ("expires", expires)]);
+        assert!(matches!(built.entries()[0].1, Value::Shared(_)));
+        assert_eq!(parsed, built);
+        let hasher = std::collections::hash_map::RandomState::new();
+        assert_eq!(hasher.hash_one(&parsed), hasher.hash_one(&built));
+        assert_eq!(parsed.get("expires"), Some(expires));
+        assert_eq!(serde_json::to_string(&parsed).unwrap(), json);
+
+        let mut md = parsed;
+        assert_eq!(md.insert("expires", "later").as_deref(), Some(expires));
+        assert_eq!(md.remove("expires").as_deref(), Some("later"));
     }
 
     #[test]

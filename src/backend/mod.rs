@@ -20,6 +20,7 @@ pub use future::BackendFuture;
 pub use gcs::{GCS_ENDPOINT, GcsBackend, GcsBackendBuilder, GcsConfigError, SCOPE};
 pub use memory::MemoryBackend;
 pub use metadata::Metadata;
+pub(crate) use metadata::Value as MetadataValue;
 
 /// The two version numbers of a GCS object that every conditional write names.
 ///

@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
-use super::Metadata;
+use super::{Metadata, MetadataValue};
 use crate::shards::Shards;
 
 /// The four GCS preconditions. `if_generation_match == Some(0)` means "no live object".
@@ -51,7 +51,7 @@ pub(crate) enum StoreError {
 }
 
 /// A metadata change: `None` removes the key (JSON `null` in a PATCH).
-pub(crate) type MetadataPatch = Vec<(Cow<'static, str>, Option<Arc<str>>)>;
+pub(crate) type MetadataPatch = Vec<(Cow<'static, str>, Option<MetadataValue>)>;
 
 /// The objects of one shard of names.
 #[derive(Debug, Default)]
