@@ -89,7 +89,7 @@ where
             }
         };
         let wait = self.layer.settings.wait;
-        let client = self.layer.client.clone();
+        let client = &self.layer.client;
         let name = client.object_name(&key);
         if let (None, Ok(name)) = (wait, &name) {
             // Held by another request of this process: answered here, without a request and
@@ -115,12 +115,15 @@ where
         let acquisition = match (wait, name) {
             (_, Err(e)) => InPlace::Done(Err(e.into())),
             (None, Ok(name)) => client.acquire_in_place(key, name),
-            (Some(wait), Ok(name)) => InPlace::Rest(Box::pin(async move {
-                let deadline = Instant::now() + wait;
-                client
-                    .acquire_named(key, name, Contention::WaitUntil(deadline))
-                    .await
-            })),
+            (Some(wait), Ok(name)) => InPlace::Rest({
+                let client = client.clone();
+                Box::pin(async move {
+                    let deadline = Instant::now() + wait;
+                    client
+                        .acquire_named(key, name, Contention::WaitUntil(deadline))
+                        .await
+                })
+            }),
         };
         ResponseFuture::new(acquisition, request, inner, on_rejection, settings, log)
     }
