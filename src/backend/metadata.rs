@@ -4,102 +4,17 @@ use std::borrow::Cow;
 use std::fmt;
 use std::sync::Arc;
 
+use super::text::Text;
+
 use serde::de::{Deserialize, Deserializer, MapAccess, Visitor};
 use serde::ser::{Serialize, SerializeMap, Serializer};
 
 type Entry = (Cow<'static, str>, Value);
 
-/// The longest value held inline: the 30 bytes of an `expires`, written at every acquisition
-/// and refresh, and a `ttl`, cost no allocation of their own.
-const INLINE_MAX: usize = 30;
-
-/// A metadata value: held inline when short, otherwise a shared string (an owner id, shared
-/// by the lease and every object state that carries it).
-#[derive(Clone)]
-pub(crate) enum Value {
-    Inline { len: u8, bytes: [u8; INLINE_MAX] },
-    Shared(Arc<str>),
-}
-
-impl Value {
-    pub(crate) fn as_str(&self) -> &str {
-        match self {
-            // Only ever written from a `&str` of `len` bytes.
-            Value::Inline { len, bytes } => {
-                std::str::from_utf8(&bytes[..usize::from(*len)]).unwrap_or_default()
-            }
-            Value::Shared(s) => s,
-        }
-    }
-
-    fn into_shared(self) -> Arc<str> {
-        match self {
-            Value::Shared(s) => s,
-            inline => inline.as_str().into(),
-        }
-    }
-}
-
-impl From<&str> for Value {
-    /// Inline if it fits, else one allocation.
-    fn from(s: &str) -> Self {
-        if s.len() <= INLINE_MAX {
-            let mut bytes = [0; INLINE_MAX];
-            bytes[..s.len()].copy_from_slice(s.as_bytes());
-            Value::Inline {
-                len: s.len() as u8,
-                bytes,
-            }
-        } else {
-            Value::Shared(s.into())
-        }
-    }
-}
-
-impl From<String> for Value {
-    fn from(s: String) -> Self {
-        if s.len() <= INLINE_MAX {
-            Value::from(s.as_str())
-        } else {
-            Value::Shared(s.into())
-        }
-    }
-}
-
-impl From<Arc<str>> for Value {
-    /// Shared as it is.
-    fn from(s: Arc<str>) -> Self {
-        Value::Shared(s)
-    }
-}
-
-impl std::ops::Deref for Value {
-    type Target = str;
-
-    fn deref(&self) -> &str {
-        self.as_str()
-    }
-}
-
-impl PartialEq for Value {
-    fn eq(&self, other: &Self) -> bool {
-        self.as_str() == other.as_str()
-    }
-}
-
-impl Eq for Value {}
-
-impl std::hash::Hash for Value {
-    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
-        self.as_str().hash(state);
-    }
-}
-
-impl fmt::Debug for Value {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Debug::fmt(self.as_str(), f)
-    }
-}
+/// A metadata value. The longest held inline is 30 bytes: an `expires`, written at every
+/// acquisition and refresh, and a `ttl` cost no allocation of their own; an owner id is
+/// shared by the lease and every object state that carries it.
+pub(crate) type Value = Text<30>;
 
 /// Custom metadata of a lock object (`metadata` in the GCS object resource): string keys to
 /// string values, kept sorted by key.
@@ -450,8 +365,8 @@ mod tests {
     fn short_values_live_inline_and_equal_shared_ones() {
         use std::hash::BuildHasher;
         let expires = "2026-26-11 06:22:41.123456 UTC";
-        let long = "x".repeat(INLINE_MAX + 1);
-        assert_eq!(expires.len(), INLINE_MAX);
+        let long = "x".repeat(30 + 1);
+        assert_eq!(expires.len(), 30);
         assert!(matches!(Value::from(expires), Value::Inline { .. }));
         assert!(matches!(
             Value::from(String::from("ünïcödé")),

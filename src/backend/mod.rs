@@ -14,6 +14,7 @@ mod gcs;
 mod memory;
 mod metadata;
 pub(crate) mod store;
+mod text;
 
 pub use future::BackendFuture;
 #[cfg(feature = "gcs")]

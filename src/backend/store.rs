@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
+use super::text::Text;
 use super::{Metadata, MetadataValue};
 use crate::shards::Shards;
 
@@ -27,8 +28,7 @@ pub(crate) struct Preconditions {
 /// One stored object.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct StoredObject {
-    /// Shared with the store's key: one allocation per object name.
-    pub name: Arc<str>,
+    pub name: ObjectName,
     pub generation: i64,
     pub metageneration: i64,
     pub created: SystemTime,
@@ -38,6 +38,10 @@ pub(crate) struct StoredObject {
     pub content_type: Option<Cow<'static, str>>,
     pub data: Cow<'static, [u8]>,
 }
+
+/// An object name, inline up to 62 bytes (a prefix and a UUID fit): a lock's create costs no
+/// allocation for its name, in the map's key or in the object.
+pub(crate) type ObjectName = Text<62>;
 
 /// Why a store operation was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -57,7 +61,7 @@ pub(crate) type MetadataPatch = Vec<(Cow<'static, str>, Option<MetadataValue>)>;
 #[derive(Debug, Default)]
 struct Inner {
     /// Shared with the replies that carry them: a reply costs no copy.
-    objects: HashMap<Arc<str>, Arc<StoredObject>, Hash>,
+    objects: HashMap<ObjectName, Arc<StoredObject>, Hash>,
     last_mutation: HashMap<String, Instant, Hash>,
     /// Generations are per name (as on GCS): a shard's last one keeps its names' increasing.
     last_generation: i64,
@@ -119,7 +123,11 @@ impl Store {
 
     pub fn get(&self, name: &str) -> Result<Arc<StoredObject>, StoreError> {
         let inner = self.shard(name);
-        inner.objects.get(name).cloned().ok_or(StoreError::NotFound)
+        inner
+            .objects
+            .get(name.as_bytes())
+            .cloned()
+            .ok_or(StoreError::NotFound)
     }
 
     /// Reads an object under preconditions, as GCS does for GET: a failed `if*Match` is 412,
@@ -178,7 +186,7 @@ impl Store {
     ) -> Result<Arc<StoredObject>, StoreError> {
         let now = self.now();
         // Allocated before the lock, which is held only for the map.
-        let key: Arc<str> = name.into();
+        let key = ObjectName::from(name);
         let mut object = Arc::new(StoredObject {
             name: key.clone(),
             generation: 0,
@@ -191,7 +199,11 @@ impl Store {
             data,
         });
         let mut inner = self.shard(name);
-        check(inner.objects.get(name).map(Arc::as_ref), pre, true)?;
+        check(
+            inner.objects.get(name.as_bytes()).map(Arc::as_ref),
+            pre,
+            true,
+        )?;
         self.throttle_check(&mut inner, name)?;
         if let Some(o) = Arc::get_mut(&mut object) {
             o.generation = next_generation(&mut inner, now);
@@ -211,9 +223,16 @@ impl Store {
     ) -> Result<Arc<StoredObject>, StoreError> {
         let now = self.now();
         let mut inner = self.shard(name);
-        check(inner.objects.get(name).map(Arc::as_ref), pre, false)?;
+        check(
+            inner.objects.get(name.as_bytes()).map(Arc::as_ref),
+            pre,
+            false,
+        )?;
         self.throttle_check(&mut inner, name)?;
-        let entry = inner.objects.get_mut(name).ok_or(StoreError::NotFound)?;
+        let entry = inner
+            .objects
+            .get_mut(name.as_bytes())
+            .ok_or(StoreError::NotFound)?;
         // Copied only if a reply still shares it.
         let object = Arc::make_mut(entry);
         object.metadata = object.metadata.merged(patch);
@@ -224,9 +243,13 @@ impl Store {
 
     pub fn delete(&self, name: &str, pre: Preconditions) -> Result<(), StoreError> {
         let mut inner = self.shard(name);
-        check(inner.objects.get(name).map(Arc::as_ref), pre, false)?;
+        check(
+            inner.objects.get(name.as_bytes()).map(Arc::as_ref),
+            pre,
+            false,
+        )?;
         self.throttle_check(&mut inner, name)?;
-        let removed = inner.objects.remove(name);
+        let removed = inner.objects.remove(name.as_bytes());
         // Freed after the lock.
         drop(inner);
         drop(removed);
