@@ -4,7 +4,7 @@ use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::task::Poll;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -19,6 +19,7 @@ use crate::key::{self, KeyError, LockKey};
 use crate::lease;
 use crate::local::{self, Local};
 use crate::object::{self, Verdict};
+use crate::shards::Count;
 use crate::signal::Signal;
 
 /// A source of wall-clock time.
@@ -46,11 +47,17 @@ pub struct Client {
     pub(crate) inner: Arc<Inner>,
 }
 
+/// What a client's handles share.
+///
+/// On cache lines of its own, apart from its `Arc`'s counts: every lease clones the `Arc`
+/// (twice) and every request reads the fields, on every worker thread.
+#[repr(align(128))]
 pub(crate) struct Inner {
     pub(crate) backend: Arc<dyn Backend>,
     pub(crate) config: Config,
-    /// The number of leases held or still being released.
-    live: AtomicUsize,
+    /// The number of leases held or still being released, in parts by lease id block (by the
+    /// thread that took the lease).
+    live: Count,
     /// Notified when `live` drops to zero.
     drained: Signal,
     /// Where new leases wait for the lease driver.
@@ -240,7 +247,7 @@ impl Client {
     /// assert_eq!(client.active_leases(), 0);
     /// ```
     pub fn active_leases(&self) -> usize {
-        self.inner.live.load(Ordering::Acquire)
+        self.inner.live.total()
     }
 
     /// Takes the lock if it is free (or expired), without waiting.
@@ -316,9 +323,7 @@ impl Client {
         self.inner.shut.store(true, Ordering::SeqCst);
         self.inner.shutdown.send_replace(true);
         let inner = &self.inner;
-        let drained = inner
-            .drained
-            .wait_until(|| inner.live.load(Ordering::Acquire) == 0);
+        let drained = inner.drained.wait_until(|| inner.live.total() == 0);
         if tokio::time::timeout(timeout, drained).await.is_ok() {
             Ok(())
         } else {
@@ -836,12 +841,14 @@ impl Inner {
             .clone()
     }
 
-    pub(crate) fn lease_opened(&self) {
-        self.live.fetch_add(1, Ordering::AcqRel);
+    /// Counts lease `id` among the live ones.
+    pub(crate) fn lease_opened(&self, id: u64) {
+        self.live.add(lease::count_part(id));
     }
 
-    pub(crate) fn lease_closed(&self) {
-        if self.live.fetch_sub(1, Ordering::AcqRel) == 1 {
+    /// Takes lease `id` off the live ones.
+    pub(crate) fn lease_closed(&self, id: u64) {
+        if self.live.remove(lease::count_part(id)) {
             self.drained.notify();
         }
     }
@@ -1199,7 +1206,7 @@ impl ClientBuilder {
             inner: Arc::new(Inner {
                 backend: self.backend,
                 config,
-                live: AtomicUsize::new(0),
+                live: Count::default(),
                 drained: Signal::default(),
                 inbox: Arc::new(lease::Inbox::new()),
                 driver: std::sync::Mutex::new(None),

@@ -58,7 +58,7 @@ pub(crate) struct Lease {
 
 impl Lease {
     pub(crate) fn new(client: Arc<Inner>, shared: Arc<LeaseShared>) -> Self {
-        client.lease_opened();
+        client.lease_opened(shared.id());
         Self { client, shared }
     }
 }
@@ -67,6 +67,12 @@ impl Drop for Lease {
     fn drop(&mut self) {
         let _ = uncount(&self.client, &self.shared);
     }
+}
+
+/// The part of the client's count of live leases that counts lease `id`: by its block of ids,
+/// that is by the thread that took it (usually the one that releases it).
+pub(crate) fn count_part(id: u64) -> usize {
+    (id / BLOCK) as usize
 }
 
 /// The length of a thread's block of lease ids.
@@ -106,7 +112,7 @@ fn uncount(inner: &Inner, shared: &LeaseShared) -> bool {
                 // inbox's leases are dropped outside its locks.)
                 drop(inner.inbox.take(shared.id()));
             }
-            inner.lease_closed();
+            inner.lease_closed(shared.id());
             watched
         }
         None => false,
