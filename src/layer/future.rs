@@ -102,39 +102,54 @@ where
     S: Service<Request<ReqBody>>,
     R: OnRejection,
 {
-    /// The request's next state once its acquisition is over: the inner service called, with
-    /// the lock in the request's extensions, or the rejection.
     fn after(self, result: Result<LockGuard, Error>) -> State<S, ReqBody, R> {
         let Pending {
-            mut request,
+            request,
             mut inner,
             on_rejection,
             settings,
             log,
         } = self;
-        log.outcome(&result);
-        match result {
-            Ok(guard) => {
-                request.extensions_mut().insert(guard.held_lock());
+        after(request, &mut inner, &on_rejection, settings, log, result)
+    }
+}
+
+/// The request's next state once its acquisition is over: `inner` (ready) called, with the
+/// lock in the request's extensions, or the rejection.
+fn after<S, ReqBody, R>(
+    mut request: Request<ReqBody>,
+    inner: &mut S,
+    on_rejection: &R,
+    settings: Settings,
+    log: AcquireLog,
+    result: Result<LockGuard, Error>,
+) -> State<S, ReqBody, R>
+where
+    S: Service<Request<ReqBody>>,
+    R: OnRejection,
+{
+    log.outcome(&result);
+    match result {
+        Ok(guard) => {
+            request.extensions_mut().insert(guard.held_lock());
+            State::Calling {
+                future: inner.call(request),
+                guard: Some(guard),
+                release_on_response: settings.release_on_response,
+            }
+        }
+        Err(e) => {
+            let rejection = Rejection::from(e);
+            if settings.fail_open && matches!(rejection, Rejection::Unavailable { .. }) {
+                tracing::warn!(target: "dimutex::layer", "lock backend unavailable; running the request without the lock (fail open)");
                 State::Calling {
                     future: inner.call(request),
-                    guard: Some(guard),
-                    release_on_response: settings.release_on_response,
+                    guard: None,
+                    release_on_response: false,
                 }
-            }
-            Err(e) => {
-                let rejection = Rejection::from(e);
-                if settings.fail_open && matches!(rejection, Rejection::Unavailable { .. }) {
-                    tracing::warn!(target: "dimutex::layer", "lock backend unavailable; running the request without the lock (fail open)");
-                    State::Calling {
-                        future: inner.call(request),
-                        guard: None,
-                        release_on_response: false,
-                    }
-                } else {
-                    State::Rejected {
-                        response: Some(on_rejection.response(&rejection)),
-                    }
+            } else {
+                State::Rejected {
+                    response: Some(on_rejection.response(&rejection)),
                 }
             }
         }
@@ -146,29 +161,36 @@ where
     S: Service<Request<ReqBody>>,
     R: OnRejection,
 {
-    /// The response to `request` after `acquisition`: at once when it is over (a lock taken
-    /// in place, or refused), else once its future is.
+    /// The response to `request` after `acquisition`, from `inner` (polled ready): called at
+    /// once when the acquisition is over (a lock taken in place, or refused); else `inner`
+    /// moves into the future, to be called once the acquisition's future is over, and a clone
+    /// takes its place.
     pub(crate) fn new(
         acquisition: InPlace,
         request: Request<ReqBody>,
-        inner: S,
+        inner: &mut S,
         on_rejection: R,
         settings: Settings,
         log: AcquireLog,
-    ) -> Self {
-        let pending = Pending {
-            request,
-            inner,
-            on_rejection,
-            settings,
-            log,
-        };
+    ) -> Self
+    where
+        S: Clone,
+    {
         let state = match acquisition {
-            InPlace::Done(result) => pending.after(result),
-            InPlace::Rest(acquire) => State::Acquiring {
-                acquire,
-                pending: Some(pending),
-            },
+            InPlace::Done(result) => after(request, inner, &on_rejection, settings, log, result),
+            InPlace::Rest(acquire) => {
+                let clone = inner.clone();
+                State::Acquiring {
+                    acquire,
+                    pending: Some(Pending {
+                        request,
+                        inner: std::mem::replace(inner, clone),
+                        on_rejection,
+                        settings,
+                        log,
+                    }),
+                }
+            }
         };
         Self { state }
     }

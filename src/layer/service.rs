@@ -68,16 +68,14 @@ where
     }
 
     fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
-        // The instance that was polled ready serves this request; a clone takes its place.
-        let clone = self.inner.clone();
-        let inner = std::mem::replace(&mut self.inner, clone);
+        // The instance polled ready serves this request: called here when no acquisition has
+        // to be awaited first (no clone of it, then), else moved into the response future.
         let (parts, body) = request.into_parts();
         let key = match self.layer.extractor.extract(&parts) {
             Ok(Some(key)) => key,
             Ok(None) => {
-                let mut inner = inner;
                 return ResponseFuture::call(
-                    inner.call(Request::from_parts(parts, body)),
+                    self.inner.call(Request::from_parts(parts, body)),
                     None,
                     false,
                 );
@@ -125,6 +123,13 @@ where
                 })
             }),
         };
-        ResponseFuture::new(acquisition, request, inner, on_rejection, settings, log)
+        ResponseFuture::new(
+            acquisition,
+            request,
+            &mut self.inner,
+            on_rejection,
+            settings,
+            log,
+        )
     }
 }
