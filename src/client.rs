@@ -15,7 +15,7 @@ use crate::backoff::{Backoff, RetryPolicy};
 use crate::deadline;
 use crate::error::{ConfigError, Error, ShutdownTimeout};
 use crate::guard::{LeaseShared, LockGuard};
-use crate::key::{self, KeyError, LockKey};
+use crate::key::{self, KeyError, LockKey, ObjectName};
 use crate::lease;
 use crate::local::{self, Local};
 use crate::object::{self, Verdict};
@@ -237,6 +237,11 @@ impl Client {
     /// # Ok::<(), dimutex::KeyError>(())
     /// ```
     pub fn object_name(&self, key: &LockKey) -> Result<String, KeyError> {
+        self.name_of(key).map(|name| name.to_string())
+    }
+
+    /// [`object_name`](Self::object_name), as the lock's requests use it.
+    pub(crate) fn name_of(&self, key: &LockKey) -> Result<ObjectName, KeyError> {
         key::object_name(&self.inner.config.prefix, key)
     }
 
@@ -349,7 +354,7 @@ impl Client {
     pub(crate) async fn acquire_named(
         &self,
         key: LockKey,
-        name: String,
+        name: ObjectName,
         contention: Contention,
     ) -> Result<LockGuard, Error> {
         if self.inner.shut.load(Ordering::SeqCst) {
@@ -383,7 +388,7 @@ impl Client {
     /// backend's own). Anything else (the lock is held, the backend failed or throttles, or
     /// it did not answer at once after all) is handed on as the rest of the acquisition,
     /// which goes on exactly as the acquisition's future would have from that create.
-    pub(crate) fn acquire_in_place(&self, key: LockKey, name: String) -> InPlace {
+    pub(crate) fn acquire_in_place(&self, key: LockKey, name: ObjectName) -> InPlace {
         let inner = &self.inner;
         if inner.shut.load(Ordering::SeqCst) {
             return InPlace::Done(Err(Error::ShutDown));
@@ -440,7 +445,7 @@ impl Client {
     async fn create_again(
         &self,
         key: LockKey,
-        name: String,
+        name: ObjectName,
         owner: Arc<str>,
         sent: Instant,
         mut known: Option<BackendError>,
@@ -477,7 +482,7 @@ impl Client {
     async fn create_first(
         &self,
         key: LockKey,
-        name: String,
+        name: ObjectName,
         owner: Arc<str>,
         contention: Contention,
     ) -> Result<LockGuard, Error> {
@@ -540,7 +545,7 @@ impl Client {
     async fn contended(
         &self,
         key: LockKey,
-        name: String,
+        name: ObjectName,
         owner: Arc<str>,
         contention: Contention,
         started: Instant,
@@ -744,12 +749,14 @@ impl Client {
 
     /// How long the lock object `name` may stay held, if a healthy lease of this client
     /// holds it.
-    pub(crate) fn held_here_for(&self, name: &str) -> Option<Duration> {
-        self.inner.local.held_for(name, self.inner.config.margin())
+    pub(crate) fn held_here_for(&self, name: &ObjectName) -> Option<Duration> {
+        self.inner
+            .local
+            .held_for(name.as_bytes(), self.inner.config.margin())
     }
 
     /// "Held" for a waiter whose deadline passed in the local queue.
-    fn held_here(&self, name: &str) -> Error {
+    fn held_here(&self, name: &ObjectName) -> Error {
         Error::Held {
             remaining: self.held_here_for(name),
         }
@@ -764,7 +771,7 @@ impl Client {
     fn took(
         &self,
         key: LockKey,
-        name: String,
+        name: ObjectName,
         owner: Arc<str>,
         state: ObjectState,
         sent: Instant,
@@ -776,7 +783,7 @@ impl Client {
     fn hold(
         &self,
         key: LockKey,
-        name: String,
+        name: ObjectName,
         owner: Arc<str>,
         state: ObjectState,
         sent: Instant,

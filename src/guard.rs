@@ -8,6 +8,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use crate::key::ObjectName;
+
 use tokio::sync::oneshot;
 
 use crate::backend::Version;
@@ -99,7 +101,7 @@ pub(crate) struct LeaseShared {
     id: u64,
     key: LockKey,
     /// The lock object's name.
-    name: String,
+    name: ObjectName,
     /// This acquisition's owner id, as written in the object's metadata.
     owner: Arc<str>,
     token: FencingToken,
@@ -146,7 +148,7 @@ impl LeaseShared {
     pub(crate) fn new(
         id: u64,
         key: LockKey,
-        name: String,
+        name: ObjectName,
         owner: Arc<str>,
         version: Version,
         sent: Instant,
@@ -208,7 +210,12 @@ impl LeaseShared {
     }
 
     pub(crate) fn name(&self) -> &str {
-        &self.name
+        self.name.as_str()
+    }
+
+    /// The lock object's name as bytes (no check that they are UTF-8, which they are).
+    pub(crate) fn name_bytes(&self) -> &[u8] {
+        self.name.as_bytes()
     }
 
     pub(crate) fn owner(&self) -> &str {

@@ -57,6 +57,7 @@ mod shards;
 mod signal;
 #[cfg(feature = "testing")]
 pub mod testing;
+mod text;
 
 pub use backoff::{Backoff, RetryPolicy};
 pub use client::{Client, ClientBuilder, MIN_REFRESH_INTERVAL, MIN_TTL, WallClock};
@@ -69,7 +70,7 @@ pub use key::{KeyError, LockKey, MAX_OBJECT_NAME_LEN};
 pub(crate) fn key_id(key: &LockKey) -> u64 {
     use std::hash::BuildHasher;
     // Fixed: the same key has the same id in every process, so replicas' logs correlate.
-    foldhash::quality::FixedState::with_seed(0x0064_696d_7574_6578).hash_one(key.as_str())
+    foldhash::quality::FixedState::with_seed(0x0064_696d_7574_6578).hash_one(key.as_bytes())
         & 0xffff_ffff
 }
 

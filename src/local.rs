@@ -32,15 +32,15 @@ pub(crate) struct Local {
 /// A lease as a set member: identified by its object name.
 struct ByName(Arc<LeaseShared>);
 
-impl Borrow<str> for ByName {
-    fn borrow(&self) -> &str {
-        self.0.name()
+impl Borrow<[u8]> for ByName {
+    fn borrow(&self) -> &[u8] {
+        self.0.name_bytes()
     }
 }
 
 impl PartialEq for ByName {
     fn eq(&self, other: &Self) -> bool {
-        self.0.name() == other.0.name()
+        self.0.name_bytes() == other.0.name_bytes()
     }
 }
 
@@ -48,8 +48,8 @@ impl Eq for ByName {}
 
 impl std::hash::Hash for ByName {
     fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
-        // As `str` hashes: lookups by `&str` find it.
-        self.0.name().hash(state);
+        // As `[u8]` hashes: lookups by the name's bytes find it.
+        self.0.name_bytes().hash(state);
     }
 }
 
@@ -63,15 +63,15 @@ pub(crate) struct QueueTurn<'a> {
 
 impl Local {
     /// The shard of `name`'s lease, locked.
-    fn held(&self, name: &str) -> std::sync::MutexGuard<'_, HashSet<ByName, Hash>> {
+    fn held(&self, name: &[u8]) -> std::sync::MutexGuard<'_, HashSet<ByName, Hash>> {
         use std::hash::BuildHasher;
         self.held.lock(self.hash.hash_one(name) as usize)
     }
 
     /// The lease of this client that holds `name`, if it is healthy.
     pub(crate) fn healthy_holder(&self, name: &str) -> Option<Arc<LeaseShared>> {
-        self.held(name)
-            .get(name)
+        self.held(name.as_bytes())
+            .get(name.as_bytes())
             .filter(|s| s.0.is_healthy())
             .map(|s| s.0.clone())
     }
@@ -80,24 +80,22 @@ impl Local {
     /// ([`remaining`]), if one holds it. The hot path of a busy key: one look under the
     /// shard's lock, one read of the lease's state and of the clock, and no reference count
     /// taken on a lease every worker thread reads.
-    pub(crate) fn held_for(&self, name: &str, margin: Duration) -> Option<Duration> {
+    pub(crate) fn held_for(&self, name: &[u8], margin: Duration) -> Option<Duration> {
         let left = self.held(name).get(name)?.0.healthy_for()?;
         Some(left + margin + RULE_SECOND)
     }
 
     /// Records `lease` as the holder of its object name (in place of an older one).
     pub(crate) fn insert(&self, lease: Arc<LeaseShared>) {
-        self.held(lease.name()).replace(ByName(lease));
+        self.held(lease.name_bytes()).replace(ByName(lease));
     }
 
     /// Forgets `lease` (and only it: a newer lease of the same name stays).
     pub(crate) fn remove(&self, lease: &Arc<LeaseShared>) {
-        let mut held = self.held(lease.name());
-        if held
-            .get(lease.name())
-            .is_some_and(|s| Arc::ptr_eq(&s.0, lease))
-        {
-            held.remove(lease.name());
+        let name = lease.name_bytes();
+        let mut held = self.held(name);
+        if held.get(name).is_some_and(|s| Arc::ptr_eq(&s.0, lease)) {
+            held.remove(name);
         }
     }
 
@@ -155,19 +153,23 @@ mod tests {
     fn held_for_answers_for_a_healthy_holder_only() {
         let margin = Duration::from_secs(3);
         let local = Local::default();
-        assert_eq!(local.held_for("a", margin), None, "nobody holds it");
+        assert_eq!(local.held_for(b"a", margin), None, "nobody holds it");
 
         let healthy = lease("a", Instant::now() + Duration::from_secs(20));
         local.insert(healthy.clone());
-        let left = local.held_for("a", margin).unwrap();
+        let left = local.held_for(b"a", margin).unwrap();
         assert!(left > Duration::from_secs(23) && left <= Duration::from_secs(24));
 
         healthy.mark_lost();
-        assert_eq!(local.held_for("a", margin), None, "lost");
+        assert_eq!(local.held_for(b"a", margin), None, "lost");
 
         let late = lease("b", Instant::now());
         local.insert(late);
-        assert_eq!(local.held_for("b", margin), None, "at or past its deadline");
+        assert_eq!(
+            local.held_for(b"b", margin),
+            None,
+            "at or past its deadline"
+        );
     }
 
     #[test]

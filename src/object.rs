@@ -62,8 +62,8 @@ pub(crate) fn format_expires(at: SystemTime) -> MetadataValue {
     };
     out[..19].copy_from_slice(&date);
     put_digits(&mut out[20..26], micros);
-    // ASCII digits and separators.
-    MetadataValue::from(std::str::from_utf8(&out).unwrap_or_default())
+    // ASCII digits and separators: held as they are, with no check.
+    MetadataValue::concat(&out, &[])
 }
 
 /// 9999-12-31 23:59:59 UTC, in seconds since the epoch.

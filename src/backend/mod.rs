@@ -14,7 +14,6 @@ mod gcs;
 mod memory;
 mod metadata;
 pub(crate) mod store;
-mod text;
 
 pub use future::BackendFuture;
 #[cfg(feature = "gcs")]

@@ -12,8 +12,8 @@ use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
-use super::text::Text;
 use super::{Metadata, MetadataValue};
+use crate::key::ObjectName;
 use crate::shards::Shards;
 
 /// The four GCS preconditions. `if_generation_match == Some(0)` means "no live object".
@@ -28,6 +28,8 @@ pub(crate) struct Preconditions {
 /// One stored object.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct StoredObject {
+    /// Inline when short: a lock's create costs no allocation for its name, in the map's key
+    /// or in the object.
     pub name: ObjectName,
     pub generation: i64,
     pub metageneration: i64,
@@ -38,10 +40,6 @@ pub(crate) struct StoredObject {
     pub content_type: Option<Cow<'static, str>>,
     pub data: Cow<'static, [u8]>,
 }
-
-/// An object name, inline up to 62 bytes (a prefix and a UUID fit): a lock's create costs no
-/// allocation for its name, in the map's key or in the object.
-pub(crate) type ObjectName = Text<62>;
 
 /// Why a store operation was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

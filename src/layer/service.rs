@@ -88,7 +88,7 @@ where
         };
         let wait = self.layer.settings.wait;
         let client = &self.layer.client;
-        let name = client.object_name(&key);
+        let name = client.name_of(&key);
         if let (None, Ok(name)) = (wait, &name) {
             // Held by another request of this process: answered here, without a request and
             // without the acquisition's future.

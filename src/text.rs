@@ -1,6 +1,6 @@
 //! [`Text`]: a string held inline when it is short, otherwise shared; for the strings that
-//! every lock writes (metadata values, object names), which would otherwise cost an allocation
-//! each.
+//! every lock makes (its key, its metadata values, the in-memory store's object names), which
+//! would otherwise cost an allocation each.
 
 use std::borrow::Borrow;
 use std::fmt;
@@ -34,6 +34,27 @@ impl<const N: usize> Text<N> {
                 std::str::from_utf8(&bytes[..usize::from(*len)]).unwrap_or_default()
             }
             Text::Shared(s) => s,
+        }
+    }
+
+    /// `a` followed by `b`, both UTF-8 (the bytes of a `str` or a `Text`): inline if it fits
+    /// (no allocation), else one allocation.
+    pub(crate) fn concat(a: &[u8], b: &[u8]) -> Self {
+        const { assert!(N < 256) };
+        let len = a.len() + b.len();
+        if len <= N {
+            let mut bytes = [0; N];
+            bytes[..a.len()].copy_from_slice(a);
+            bytes[a.len()..len].copy_from_slice(b);
+            Text::Inline {
+                len: len as u8,
+                bytes,
+            }
+        } else {
+            let mut s = Vec::with_capacity(len);
+            s.extend_from_slice(a);
+            s.extend_from_slice(b);
+            Text::Shared(String::from_utf8(s).unwrap_or_default().into())
         }
     }
 
@@ -150,6 +171,17 @@ mod tests {
         assert!(matches!(shared, Text::Shared(_)));
         assert_eq!(four, shared);
         assert_eq!(&*four.clone().into_shared(), "abcd");
+        assert_eq!(Text::<4>::concat(b"ab", b"cd"), four);
+        assert!(matches!(
+            Text::<4>::concat(b"ab", b"cd"),
+            Text::Inline { len: 4, .. }
+        ));
+        let long = Text::<4>::concat(b"ab", b"cde");
+        assert!(matches!(&long, Text::Shared(s) if &**s == "abcde"));
+        assert_eq!(
+            Text::<4>::concat("é".as_bytes(), "ü".as_bytes()).as_str(),
+            "éü"
+        );
         assert!(Text::<4>::from("abc") < four);
         assert!(Text::<4>::from("b") > Text::<4>::from("abcde"));
         assert_eq!(format!("{four} {four:?}"), r#"abcd "abcd""#);
