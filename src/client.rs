@@ -245,7 +245,8 @@ impl Client {
         key::object_name(&self.inner.config.prefix, key)
     }
 
-    /// How many leases this client holds or is still releasing.
+    /// How many leases this client holds or is still releasing: a snapshot, which leases that
+    /// open or end while it is read may or may not be in.
     ///
     /// ```
     /// # let client = dimutex::Client::new(dimutex::backend::MemoryBackend::new());

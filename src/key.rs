@@ -10,7 +10,8 @@ pub const MAX_OBJECT_NAME_LEN: usize = 1024;
 /// A validated lock key: 1–1024 bytes of UTF-8, no control characters, not `.` or `..`.
 ///
 /// The lock object is named by the client's prefix followed by the key; that whole name must
-/// also fit in 1024 bytes, which the client checks before sending any request. Cloning is cheap (a key of up to 46 bytes is held inline).
+/// also fit in 1024 bytes, which the client checks before sending any request. Cloning is cheap
+/// (a key of up to 46 bytes is held inline).
 ///
 /// ```
 /// use dimutex::LockKey;
@@ -281,9 +282,19 @@ mod tests {
             let text: String = "é".repeat(len / 2) + &"k".repeat(len % 2);
             let key = LockKey::new(&text).unwrap();
             assert_eq!((key.as_str(), key.as_bytes()), (&*text, text.as_bytes()));
+            assert_eq!(
+                matches!(key.0, Text::Inline { .. }),
+                text.len() <= 46,
+                "{len}"
+            );
             assert_eq!(key, LockKey::new(text.clone()).unwrap());
             let name = object_name("dimutex/", &key).unwrap();
             assert_eq!(name.as_str(), format!("dimutex/{text}"));
+            assert_eq!(
+                matches!(name, Text::Inline { .. }),
+                text.len() + 8 <= 62,
+                "{len}"
+            );
         }
         // Inline (short) and shared (long) keys order as their text does.
         assert!(LockKey::new("b").unwrap() > LockKey::new("a".repeat(100)).unwrap());

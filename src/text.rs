@@ -41,6 +41,7 @@ impl<const N: usize> Text<N> {
     /// (no allocation), else one allocation.
     pub(crate) fn concat(a: &[u8], b: &[u8]) -> Self {
         const { assert!(N < 256) };
+        debug_assert!(std::str::from_utf8(a).is_ok() && std::str::from_utf8(b).is_ok());
         let len = a.len() + b.len();
         if len <= N {
             let mut bytes = [0; N];

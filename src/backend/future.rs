@@ -6,6 +6,11 @@ use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll, Waker};
 
+/// What [`Backend`](super::Backend) methods returned before [`BackendFuture`]: a boxed,
+/// sendable future. A `BoxFuture` converts into a `BackendFuture` as it is (`.into()`).
+#[deprecated(note = "`Backend` methods return `BackendFuture`; `BoxFuture::into()` converts")]
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
 /// The answer of one backend request: known when the method returns (an in-process backend,
 /// which then costs no allocation), or a boxed future of it (a request over the network).
 ///
@@ -50,6 +55,15 @@ impl<'a, T> BackendFuture<'a, T> {
     }
 }
 
+impl<'a, T> From<Pin<Box<dyn Future<Output = T> + Send + 'a>>> for BackendFuture<'a, T> {
+    /// A future boxed already, kept in its box.
+    fn from(future: Pin<Box<dyn Future<Output = T> + Send + 'a>>) -> Self {
+        Self {
+            kind: Kind::Boxed(future),
+        }
+    }
+}
+
 // The value of `Ready` is moved out, never pinned; `Boxed` is pinned in its box.
 impl<T> Unpin for BackendFuture<'_, T> {}
 
@@ -88,6 +102,11 @@ mod tests {
         assert_eq!(format!("{known:?}"), r#"BackendFuture("ready")"#);
         assert_eq!(Pin::new(&mut known).poll(&mut cx), Poll::Ready(1));
         assert_eq!(format!("{known:?}"), r#"BackendFuture("done")"#);
+
+        let boxed: Pin<Box<dyn Future<Output = u8> + Send>> = Box::pin(async { 2 });
+        let mut boxed = BackendFuture::from(boxed);
+        assert_eq!(format!("{boxed:?}"), r#"BackendFuture("boxed")"#);
+        assert_eq!(Pin::new(&mut boxed).poll(&mut cx), Poll::Ready(2));
 
         let mut never = BackendFuture::<u8>::new(std::future::pending());
         assert_eq!(format!("{never:?}"), r#"BackendFuture("boxed")"#);

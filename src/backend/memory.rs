@@ -8,7 +8,9 @@ use super::{Backend, BackendError, BackendFuture, Metadata, ObjectState, Reply, 
 
 /// A lock backend that keeps lock objects in this process, with the semantics of GCS:
 /// generations, metagenerations, preconditions, a server clock, and (optionally) GCS's limit of
-/// about one mutation per second per object name.
+/// about one mutation per second per object name. Its replies carry the server clock's reading
+/// as GCS's `Date` does, except a delete's (nothing reads it, and the clock read would be the
+/// dearest part of the delete).
 ///
 /// Use it for examples and to test your own application without GCS. Clones share the same
 /// objects, so two [`Client`](crate::Client)s built from clones of one `MemoryBackend` contend

@@ -16,6 +16,8 @@ mod metadata;
 pub(crate) mod store;
 
 pub use future::BackendFuture;
+#[allow(deprecated)]
+pub use future::BoxFuture;
 #[cfg(feature = "gcs")]
 pub use gcs::{GCS_ENDPOINT, GcsBackend, GcsBackendBuilder, GcsConfigError, SCOPE};
 pub use memory::MemoryBackend;

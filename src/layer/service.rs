@@ -16,6 +16,12 @@ use super::rejection::{OnRejection, Rejection};
 
 /// The service made by [`LockLayer`]; see the [module docs](super).
 ///
+/// The inner service polled ready serves the next request that reaches it: called at once when
+/// the lock is taken in place, moved into the response future (a clone taking its place) when
+/// the acquisition waits, and kept, still ready, when the request is answered without it (a bad
+/// key, a lock held elsewhere), so capacity that readiness reserved (a concurrency limit's
+/// permit, say) stays reserved for the next request.
+///
 /// ```
 /// use dimutex::{Client, backend::MemoryBackend, layer::{FromHeader, LockLayer}};
 /// use tower::Layer;
