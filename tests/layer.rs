@@ -853,11 +853,27 @@ async fn poll_ready_is_delegated() {
     let layer = LockLayer::new(Client::new(backend.clone()), FromHeader::new("x-key"))
         .release_on_response();
     let mut service = tower::Layer::layer(&layer, inner);
-    for i in 0..3 {
-        let ready = service.ready().await.unwrap();
-        let response = tower::Service::call(ready, request(Some(format!("k{i}").as_bytes())))
-            .await
-            .unwrap();
-        assert_eq!(response.status(), StatusCode::OK);
+    let client = Client::new(backend.clone());
+    let _held = client.try_acquire("held").await.unwrap();
+    // Requests the layer answers itself (a bad key: 400; a key held elsewhere: 409) between
+    // served ones: the permit the limit reserved is neither lost nor held forever, so every
+    // `ready` comes back (a leaked permit would hang it here).
+    let keys: [&[u8]; 5] = [b"k0", b"bad\xffkey", b"k1", b"held", b"k2"];
+    for key in keys {
+        let status = tokio::time::timeout(Duration::from_secs(5), async {
+            let ready = service.ready().await.unwrap();
+            let response = tower::Service::call(ready, request(Some(key)))
+                .await
+                .unwrap();
+            response.status()
+        })
+        .await
+        .expect("ready and answered");
+        let expected = match key {
+            b"bad\xffkey" => StatusCode::BAD_REQUEST,
+            b"held" => StatusCode::CONFLICT,
+            _ => StatusCode::OK,
+        };
+        assert_eq!(status, expected, "{}", String::from_utf8_lossy(key));
     }
 }
