@@ -851,12 +851,12 @@ impl Inner {
 
     /// Counts lease `id` among the live ones.
     pub(crate) fn lease_opened(&self, id: u64) {
-        self.live.add(lease::count_part(id));
+        self.live.add(lease::part_of(id));
     }
 
     /// Takes lease `id` off the live ones.
     pub(crate) fn lease_closed(&self, id: u64) {
-        if self.live.remove(lease::count_part(id)) {
+        if self.live.remove(lease::part_of(id)) {
             self.drained.notify();
         }
     }

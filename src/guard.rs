@@ -8,14 +8,12 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use crate::key::ObjectName;
-
 use tokio::sync::oneshot;
 
 use crate::backend::Version;
 use crate::client::Inner;
 use crate::error::Error;
-use crate::key::LockKey;
+use crate::key::{LockKey, ObjectName};
 use crate::lease;
 use crate::signal::Signal;
 

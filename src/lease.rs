@@ -69,9 +69,10 @@ impl Drop for Lease {
     }
 }
 
-/// The part of the client's count of live leases that counts lease `id`: by its block of ids,
-/// that is by the thread that took it (usually the one that releases it).
-pub(crate) fn count_part(id: u64) -> usize {
+/// The part of a sharded structure (the inbox, the client's count of live leases) that lease
+/// `id` belongs to: by its block of ids, that is by the thread that took it (usually the one
+/// that releases it), so that threads working on their own leases write parts of their own.
+pub(crate) fn part_of(id: u64) -> usize {
     (id / BLOCK) as usize
 }
 

@@ -67,6 +67,13 @@ struct Inner {
     operations: u64,
 }
 
+impl Inner {
+    /// The live object named `name`, if any.
+    fn object(&self, name: &str) -> Option<&StoredObject> {
+        self.objects.get(name.as_bytes()).map(Arc::as_ref)
+    }
+}
+
 /// Object names come from requests: a seeded hash, but a fast one.
 type Hash = foldhash::fast::RandomState;
 
@@ -197,11 +204,7 @@ impl Store {
             data,
         });
         let mut inner = self.shard(name);
-        check(
-            inner.objects.get(name.as_bytes()).map(Arc::as_ref),
-            pre,
-            true,
-        )?;
+        check(inner.object(name), pre, true)?;
         self.throttle_check(&mut inner, name)?;
         if let Some(o) = Arc::get_mut(&mut object) {
             o.generation = next_generation(&mut inner, now);
@@ -221,11 +224,7 @@ impl Store {
     ) -> Result<Arc<StoredObject>, StoreError> {
         let now = self.now();
         let mut inner = self.shard(name);
-        check(
-            inner.objects.get(name.as_bytes()).map(Arc::as_ref),
-            pre,
-            false,
-        )?;
+        check(inner.object(name), pre, false)?;
         self.throttle_check(&mut inner, name)?;
         let entry = inner
             .objects
@@ -241,11 +240,7 @@ impl Store {
 
     pub fn delete(&self, name: &str, pre: Preconditions) -> Result<(), StoreError> {
         let mut inner = self.shard(name);
-        check(
-            inner.objects.get(name.as_bytes()).map(Arc::as_ref),
-            pre,
-            false,
-        )?;
+        check(inner.object(name), pre, false)?;
         self.throttle_check(&mut inner, name)?;
         let removed = inner.objects.remove(name.as_bytes());
         // Freed after the lock.

@@ -22,7 +22,7 @@ use std::sync::MutexGuard;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
-use super::{BLOCK, IdHasher, Lease, TICK, since_origin};
+use super::{IdHasher, Lease, TICK, since_origin};
 use crate::shards::{SHARDS, Shards};
 
 /// [`Inbox::looks_by`]: no driver runs on this inbox (none started yet, or its runtime
@@ -63,7 +63,7 @@ impl Inbox {
 
     /// The shard of lease `id`: one per block of ids, so a thread's leases share a shard.
     fn shard(&self, id: u64) -> MutexGuard<'_, Items> {
-        self.shards.lock((id / BLOCK) as usize)
+        self.shards.lock(super::part_of(id))
     }
 
     /// Leaves a new lease for the driver; whether the driver must be woken (or started) to
