@@ -1,29 +1,25 @@
-//! The lock client: configuration, acquisition, and shutdown.
+//! The lock client: configuration and entry points. The lock protocol itself is in
+//! [`crate::protocol`], the life of a held lease in [`crate::driver`].
 
 use std::fmt;
-use std::future::Future;
-use std::pin::Pin;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::task::Poll;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use tokio::sync::watch;
 
-use crate::backend::{Backend, BackendError, BackendFuture, MetadataValue, ObjectState, Reply};
+use crate::backend::Backend;
 use crate::backoff::{Backoff, RetryPolicy};
-use crate::deadline;
+use crate::driver::{self, DriverHandle, Job, Kept};
 use crate::error::{ConfigError, Error, ShutdownTimeout};
-use crate::guard::{LeaseShared, LockGuard};
+use crate::guard::LockGuard;
 use crate::key::{self, KeyError, LockKey, ObjectName};
-use crate::lease;
+use crate::lease::Lease;
 use crate::local::{self, Local};
-use crate::object::{self, Verdict};
-use crate::shards::Count;
-use crate::signal::Signal;
-
-/// A source of wall-clock time.
-pub type WallClock = Arc<dyn Fn() -> SystemTime + Send + Sync>;
+use crate::pending::{Pending, Ticket};
+use crate::protocol::acquire::{self, Acquired, Mode, Trace};
+use crate::protocol::refresh::Known;
+use crate::protocol::{Protocol, Settings, WallClock};
+use crate::token::FencingToken;
 
 /// A distributed lock client: cheap to clone, shared by all tasks of a process.
 ///
@@ -48,108 +44,35 @@ pub struct Client {
 }
 
 /// What a client's handles share.
-///
-/// On cache lines of its own, apart from its `Arc`'s counts: every lease clones the `Arc`
-/// (twice) and every request reads the fields, on every worker thread.
-#[repr(align(128))]
 pub(crate) struct Inner {
-    pub(crate) backend: Arc<dyn Backend>,
-    pub(crate) config: Config,
-    /// The number of leases held or still being released, in parts by lease id block (by the
-    /// thread that took the lease).
-    live: Count,
-    /// Notified when `live` drops to zero.
-    drained: Signal,
-    /// Where new leases wait for the lease driver.
-    pub(crate) inbox: Arc<lease::Inbox>,
-    /// The lease driver of this client (started on the first acquisition, and again if the
-    /// runtime it ran on has stopped).
-    driver: std::sync::Mutex<Option<lease::DriverHandle>>,
-    /// Set once by [`Client::shutdown`].
-    pub(crate) shutdown: watch::Sender<bool>,
-    /// `shutdown`'s value, read by every acquisition without the watch's lock (a write to a
-    /// cache line every replica thread shares).
-    shut: AtomicBool,
+    pub(crate) protocol: Arc<Protocol>,
+    prefix: String,
+    identity: String,
     /// The leases held here and the local queues of waiters.
-    pub(crate) local: Local,
-    /// When the backend last answered 429, in nanoseconds since the lease clock's origin
-    /// plus one; 0: never. Read by every release, written only on a 429.
-    throttled_at: AtomicU64,
-}
-
-#[derive(Clone)]
-pub(crate) struct Config {
-    pub(crate) prefix: String,
-    pub(crate) ttl: Duration,
-    /// `ttl` as the lock object's metadata writes it (shared by every lock's metadata).
-    pub(crate) ttl_text: MetadataValue,
-    pub(crate) refresh_interval: Duration,
-    pub(crate) identity: String,
-    pub(crate) request_timeout: Duration,
-    pub(crate) retry: RetryPolicy,
-    pub(crate) poll: Backoff,
-    pub(crate) clock: WallClock,
-}
-
-impl Config {
-    /// How long before the lease's end (counted from the send time of the last successful
-    /// write) the holder considers it lost: a tenth of the ttl.
-    pub(crate) fn margin(&self) -> Duration {
-        self.ttl / 10
-    }
+    local: Arc<Local>,
+    /// Acquisitions in flight, held leases and clean-ups: what shutdown waits for.
+    pending: Arc<Pending>,
+    /// The lease driver (started before the first write, and again if its runtime stopped).
+    driver: Mutex<Option<DriverHandle>>,
+    /// Set once by [`Client::shutdown`].
+    shutdown: watch::Sender<bool>,
 }
 
 impl fmt::Debug for Client {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let c = &self.inner.config;
+        let s = self.inner.protocol.settings();
         f.debug_struct("Client")
-            .field("backend", &self.inner.backend)
-            .field("prefix", &c.prefix)
-            .field("ttl", &c.ttl)
-            .field("refresh_interval", &c.refresh_interval)
-            .field("identity", &c.identity)
-            .field("request_timeout", &c.request_timeout)
-            .field("retry", &c.retry)
-            .field("poll", &c.poll)
+            .field("backend", &self.inner.protocol.backend())
+            .field("prefix", &self.inner.prefix)
+            .field("ttl", &s.ttl)
+            .field("refresh_interval", &s.refresh_interval)
+            .field("identity", &self.inner.identity)
+            .field("request_timeout", &s.request_timeout)
+            .field("retry", &s.retry)
+            .field("poll", &s.poll)
             .finish_non_exhaustive()
     }
 }
-
-/// An acquisition begun by [`Client::acquire_in_place`].
-pub(crate) enum InPlace {
-    /// Over: the lock taken, or the reason not.
-    Done(Result<LockGuard, Error>),
-    /// The rest of it, to await.
-    Rest(Pin<Box<dyn Future<Output = Result<LockGuard, Error>> + Send>>),
-}
-
-/// How an acquisition ends when the lock is held elsewhere.
-#[derive(Debug, Clone, Copy)]
-pub(crate) enum Contention {
-    Fail,
-    WaitUntil(Instant),
-}
-
-#[derive(Clone, Copy)]
-enum Step {
-    Create,
-    Inspect,
-    Takeover(crate::backend::Version),
-}
-
-/// The outcome of one request, retried on transient failures.
-pub(crate) struct Attempted<T> {
-    pub(crate) result: Result<T, BackendError>,
-    /// Whether an earlier attempt failed in a way that may have taken effect.
-    pub(crate) ambiguous: bool,
-    /// When the first attempt was sent.
-    pub(crate) first_sent: Instant,
-}
-
-/// In try mode, how many times the lock may vanish between our create and our inspect
-/// before we report it as held (a hot key changing hands under us). In wait mode the
-/// deadline bounds this.
-const TRY_ROUNDS: usize = 4;
 
 impl Client {
     /// A client with the default configuration (see [`ClientBuilder`]).
@@ -186,7 +109,7 @@ impl Client {
     /// assert_eq!(client.prefix(), "dimutex/");
     /// ```
     pub fn prefix(&self) -> &str {
-        &self.inner.config.prefix
+        &self.inner.prefix
     }
 
     /// The lease length.
@@ -196,7 +119,7 @@ impl Client {
     /// assert_eq!(client.ttl(), std::time::Duration::from_secs(30));
     /// ```
     pub fn ttl(&self) -> Duration {
-        self.inner.config.ttl
+        self.inner.protocol.settings().ttl
     }
 
     /// How often a held lease is refreshed.
@@ -206,7 +129,7 @@ impl Client {
     /// assert_eq!(client.refresh_interval(), std::time::Duration::from_secs(10));
     /// ```
     pub fn refresh_interval(&self) -> Duration {
-        self.inner.config.refresh_interval
+        self.inner.protocol.settings().refresh_interval
     }
 
     /// The readable part of the owner recorded in lock objects.
@@ -216,7 +139,7 @@ impl Client {
     /// assert!(!client.identity().is_empty());
     /// ```
     pub fn identity(&self) -> &str {
-        &self.inner.config.identity
+        &self.inner.identity
     }
 
     /// The backend.
@@ -226,7 +149,7 @@ impl Client {
     /// println!("{:?}", client.backend());
     /// ```
     pub fn backend(&self) -> &dyn Backend {
-        &*self.inner.backend
+        self.inner.protocol.backend()
     }
 
     /// The object name of `key`: the prefix followed by the key.
@@ -242,18 +165,18 @@ impl Client {
 
     /// [`object_name`](Self::object_name), as the lock's requests use it.
     pub(crate) fn name_of(&self, key: &LockKey) -> Result<ObjectName, KeyError> {
-        key::object_name(&self.inner.config.prefix, key)
+        key::object_name(&self.inner.prefix, key)
     }
 
-    /// How many leases this client holds or is still releasing: a snapshot, which leases that
-    /// open or end while it is read may or may not be in.
+    /// How many acquisitions, held leases and releases of this client are not finished yet: a
+    /// snapshot.
     ///
     /// ```
     /// # let client = dimutex::Client::new(dimutex::backend::MemoryBackend::new());
     /// assert_eq!(client.active_leases(), 0);
     /// ```
     pub fn active_leases(&self) -> usize {
-        self.inner.live.total()
+        self.inner.pending.count()
     }
 
     /// Takes the lock if it is free (or expired), without waiting.
@@ -276,7 +199,8 @@ impl Client {
         K::Error: Into<Error>,
     {
         let key = key.try_into().map_err(Into::into)?;
-        self.acquire_with(key, Contention::Fail).await
+        let name = self.name_of(&key)?;
+        self.acquire_named(key, name, Mode::Try).await
     }
 
     /// Takes the lock, waiting until `deadline` while another owner holds it.
@@ -307,13 +231,17 @@ impl Client {
         K::Error: Into<Error>,
     {
         let key = key.try_into().map_err(Into::into)?;
-        self.acquire_with(key, Contention::WaitUntil(deadline))
+        let name = self.name_of(&key)?;
+        self.acquire_named(key, name, Mode::WaitUntil(deadline))
             .await
     }
 
-    /// Releases every lock this client holds and waits (up to `timeout`) until all releases,
-    /// including those handed over by dropped guards, are done. After it, acquisitions fail
-    /// with [`Error::ShutDown`].
+    /// Gives up every lock this client holds and waits (up to `timeout`) until all of its
+    /// work is done: each held lease is marked lost (its guard's [`LockGuard::lost`] fires)
+    /// *before* its delete is sent; acquisitions in flight, and local waiters, end with
+    /// [`Error::ShutDown`], and whatever of theirs may have landed is deleted. Once it
+    /// returns `Ok`, nothing of this client holds or can create a lock; later acquisitions
+    /// fail with [`Error::ShutDown`].
     ///
     /// ```
     /// # #[tokio::main(flavor = "current_thread")] async fn main() {
@@ -326,711 +254,179 @@ impl Client {
     /// # }
     /// ```
     pub async fn shutdown(&self, timeout: Duration) -> Result<(), ShutdownTimeout> {
-        self.inner.shut.store(true, Ordering::SeqCst);
-        self.inner.shutdown.send_replace(true);
         let inner = &self.inner;
-        let drained = inner.drained.wait_until(|| inner.live.total() == 0);
-        if tokio::time::timeout(timeout, drained).await.is_ok() {
-            Ok(())
-        } else {
-            Err(ShutdownTimeout {
-                pending: self.active_leases(),
-            })
-        }
-    }
-
-    async fn acquire_with(&self, key: LockKey, contention: Contention) -> Result<LockGuard, Error> {
-        let name = key::object_name(&self.inner.config.prefix, &key)?;
-        if let (Contention::Fail, Some(remaining)) = (contention, self.held_here_for(&name)) {
-            return Err(Error::Held {
-                remaining: Some(remaining),
-            });
-        }
-        self.acquire_named(key, name, contention).await
-    }
-
-    /// An acquisition of `key`, whose object name `name` is known. A caller that fails fast
-    /// has looked for a local holder already ([`held_here_for`](Self::held_here_for)): this
-    /// looks again only for waiters.
-    pub(crate) async fn acquire_named(
-        &self,
-        key: LockKey,
-        name: ObjectName,
-        contention: Contention,
-    ) -> Result<LockGuard, Error> {
-        if self.inner.shut.load(Ordering::SeqCst) {
-            return Err(Error::ShutDown);
-        }
-        let cfg = &self.inner.config;
-        let local = &self.inner.local;
-        // Waiters of this client queue locally; only the head of the queue talks to the
-        // backend. Fail-fast callers do not queue.
-        let _turn = match contention {
-            Contention::Fail => None,
-            // Boxed (as is every wait below): only waiters pay for the room these take.
-            Contention::WaitUntil(deadline) => match Box::pin(local.queue(&name, deadline)).await {
-                Some(turn) => Some(turn),
-                None => return Err(self.held_here(&name)),
-            },
-        };
-        // Held by a healthy lease of ours: certainly held, no request needed.
-        if let Contention::WaitUntil(deadline) = contention {
-            while let Some(lease) = local.healthy_holder(&name) {
-                Box::pin(self.wait_for_local(&lease, deadline)).await?
-            }
-        }
-        let owner = new_owner(&cfg.identity);
-        self.create_first(key, name, owner, contention).await
-    }
-
-    /// A fail-fast acquisition of `key` (object `name`; the caller has looked for a local
-    /// holder already), done here and now when the backend answers at once: its create is
-    /// polled once, without a waker, and a lock taken needs no acquisition future (only the
-    /// backend's own). Anything else (the lock is held, the backend failed or throttles, or
-    /// it did not answer at once after all) is handed on as the rest of the acquisition,
-    /// which goes on exactly as the acquisition's future would have from that create.
-    pub(crate) fn acquire_in_place(&self, key: LockKey, name: ObjectName) -> InPlace {
-        let inner = &self.inner;
-        if inner.shut.load(Ordering::SeqCst) {
-            return InPlace::Done(Err(Error::ShutDown));
-        }
-        let cfg = &inner.config;
-        let owner = new_owner(&cfg.identity);
-        // A lock taken here may start the lease driver, which needs a runtime; and with the
-        // throttle seen lately, a create is likely refused and then waits anyway.
-        if !inner.backend.answers_at_once() || inner.recently_throttled() || !lease::on_runtime() {
-            let client = self.clone();
-            return InPlace::Rest(Box::pin(async move {
-                client
-                    .create_first(key, name, owner, Contention::Fail)
-                    .await
-            }));
-        }
-        let md = object::lock_metadata(cfg.ttl, &cfg.ttl_text, &owner, (cfg.clock)());
-        let sent = Instant::now();
-        let polled = inner.backend.create(&name, &md).answer_now();
-        let known = match polled {
-            Poll::Ready(Ok(reply)) => {
-                return InPlace::Done(Ok(self.took(key, name, owner, reply.into_value(), sent)));
-            }
-            Poll::Ready(Err(e)) if !e.is_transient() => {
-                let first = Attempted {
-                    result: Err(e),
-                    ambiguous: false,
-                    first_sent: sent,
-                };
-                let client = self.clone();
-                return InPlace::Rest(Box::pin(async move {
-                    let contention = Contention::Fail;
-                    client
-                        .contended(key, name, owner, contention, sent, false, Some(first))
-                        .await
-                }));
-            }
-            // Retried below as the acquisition's future retries it: after the same pause,
-            // within the same budget.
-            Poll::Ready(Err(e)) => Some(e),
-            // A backend that did not answer at once after all: its request is dropped
-            // half-way and sent again below by the same owner, so that a create of ours that
-            // landed after all is found (412, then our owner id) and adopted.
-            Poll::Pending => None,
-        };
-        let client = self.clone();
-        InPlace::Rest(Box::pin(async move {
-            client.create_again(key, name, owner, sent, known).await
-        }))
-    }
-
-    /// The rest of an in-place acquisition whose create, sent at `sent`, failed with the
-    /// transient error `known` (or got no answer: `None`).
-    async fn create_again(
-        &self,
-        key: LockKey,
-        name: ObjectName,
-        owner: Arc<str>,
-        sent: Instant,
-        mut known: Option<BackendError>,
-    ) -> Result<LockGuard, Error> {
-        let inner = &*self.inner;
-        let cfg = &inner.config;
-        let backend = &*inner.backend;
-        let md = object::lock_metadata(cfg.ttl, &cfg.ttl_text, &owner, (cfg.clock)());
-        let give_up_at = sent + cfg.retry.max_elapsed();
-        let unanswered = known.is_none();
-        let op = || match known.take() {
-            Some(e) => BackendFuture::ready(Err(e)),
-            None => backend.create(&name, &md),
-        };
-        let a = inner.call_with(op, Some(give_up_at), true).await;
-        // `sent` stands for every create of this acquisition: the first may have landed, and
-        // the lease is timed from the earliest.
-        let first = Attempted {
-            ambiguous: a.ambiguous || unanswered,
-            first_sent: sent,
-            ..a
-        };
-        match first.result {
-            Ok(reply) => Ok(self.took(key, name, owner, reply.into_value(), sent)),
-            Err(_) => {
-                let contention = Contention::Fail;
-                self.contended(key, name, owner, contention, sent, false, Some(first))
-                    .await
-            }
-        }
-    }
-
-    /// An acquisition by `owner` from its first create on.
-    async fn create_first(
-        &self,
-        key: LockKey,
-        name: ObjectName,
-        owner: Arc<str>,
-        contention: Contention,
-    ) -> Result<LockGuard, Error> {
-        // A waiter on a throttled backend: the lock may have been released (deleted) a moment
-        // ago, and a create now would be refused. It reads first, and creates after the
-        // absence window.
-        let throttled =
-            matches!(contention, Contention::WaitUntil(_)) && self.inner.recently_throttled();
-        let mut first = None;
-        if !throttled {
-            // Most acquisitions are this one create: only it lives in this future, and the
-            // rest of the protocol (contention, ambiguity, takeover) in a boxed one.
-            let a = self.write(&name, &owner, contention, None).await;
-            match a.result {
-                Ok(reply) => {
-                    return Ok(self.took(key, name, owner, reply.into_value(), a.first_sent));
-                }
-                Err(e) => {
-                    first = Some(Attempted {
-                        result: Err(e),
-                        ambiguous: a.ambiguous,
-                        first_sent: a.first_sent,
-                    })
-                }
-            }
-        }
-        // The acquisition began when its first write was sent (no clock read before it).
-        let started = first.as_ref().map_or_else(Instant::now, |a| a.first_sent);
-        let rest = self.contended(key, name, owner, contention, started, throttled, first);
-        Box::pin(rest).await
-    }
-
-    /// One write of a fresh lock object: a create, or a takeover of the object at `expired`
-    /// (a waiter does not retry a throttled write: it goes back to reading).
-    fn write<'a>(
-        &'a self,
-        name: &'a str,
-        owner: &Arc<str>,
-        contention: Contention,
-        expired: Option<crate::backend::Version>,
-    ) -> impl Future<Output = Attempted<Reply<ObjectState>>> + 'a {
-        let cfg = &self.inner.config;
-        let md = object::lock_metadata(cfg.ttl, &cfg.ttl_text, owner, (cfg.clock)());
-        let retry_429 = matches!(contention, Contention::Fail);
-        let backend = &*self.inner.backend;
-        async move {
-            match expired {
-                Some(v) => {
-                    self.call(|| backend.takeover(name, v, &md), retry_429)
-                        .await
-                }
-                None => self.call(|| backend.create(name, &md), retry_429).await,
-            }
-        }
-    }
-
-    /// The rest of an acquisition once its `first` create did not take the lock (or, for a
-    /// waiter on a throttled backend, before any create).
-    #[allow(clippy::too_many_arguments)]
-    async fn contended(
-        &self,
-        key: LockKey,
-        name: ObjectName,
-        owner: Arc<str>,
-        contention: Contention,
-        started: Instant,
-        throttled: bool,
-        mut first: Option<Attempted<Reply<ObjectState>>>,
-    ) -> Result<LockGuard, Error> {
-        let cfg = &self.inner.config;
-        let backend = &*self.inner.backend;
-        let local = &self.inner.local;
-        let mut polls = cfg.poll.delays();
-        let mut first_write: Option<Instant> = None;
-        let mut rounds = 0;
-        // Wait mode: whether we saw another holder, and are taking a second look at its absence.
-        let mut seen_held = throttled;
-        let mut confirming = false;
-        // Wait mode: when the last read that found the lock held was sent. The next look comes
-        // no later than a poll cap after it (the cap bounds a waiter's hand-over).
-        let mut held_look: Option<Instant> = None;
-        // Wait mode, backend throttling: since when, and for how long, the lock must be seen
-        // absent before we create.
-        let mut absent: Option<(Instant, Duration)> = None;
-        let mut step = if throttled {
-            Step::Inspect
-        } else {
-            Step::Create
-        };
-        loop {
-            match step {
-                Step::Create | Step::Takeover(_) => {
-                    let a = match (step, first.take()) {
-                        (Step::Create, Some(a)) => a,
-                        (Step::Takeover(v), _) => {
-                            self.write(&name, &owner, contention, Some(v)).await
-                        }
-                        _ => self.write(&name, &owner, contention, None).await,
-                    };
-                    first_write.get_or_insert(a.first_sent);
-                    match a.result {
-                        Ok(reply) => {
-                            tracing::debug!(target: "dimutex", key_id = crate::key_id(&key), elapsed_ms = started.elapsed().as_millis() as u64, "acquired");
-                            return Ok(self.hold(
-                                key,
-                                name,
-                                owner,
-                                reply.into_value(),
-                                a.first_sent,
-                            ));
-                        }
-                        Err(BackendError::PreconditionFailed) => step = Step::Inspect,
-                        Err(BackendError::NotFound) if matches!(step, Step::Takeover(_)) => {
-                            step = Step::Inspect
-                        }
-                        Err(BackendError::NotFound) => {
-                            return Err(Error::Backend(BackendError::BucketNotFound));
-                        }
-                        Err(e) if e.is_rate_limited() => {
-                            // Waiting: the object was mutated within the last second (the
-                            // lock just changed hands). Read again once that window is over
-                            // instead of sending more writes.
-                            let Contention::WaitUntil(deadline) = contention else {
-                                return Err(self.failure(e));
-                            };
-                            let now = Instant::now();
-                            if now >= deadline {
-                                return Err(self.failure(e));
-                            }
-                            let pause = jitter(MUTATION_WINDOW / 2);
-                            Box::pin(tokio::time::sleep(pause.min(deadline - now))).await;
-                            seen_held = true;
-                            step = Step::Inspect;
-                        }
-                        Err(e) => return Err(self.failure(e)),
-                    }
-                }
-                Step::Inspect => {
-                    let a = self.call(|| backend.inspect(&name), true).await;
-                    let sent = a.first_sent;
-                    let reply = a.result.map_err(|e| self.failure(e))?;
-                    let server_now = reply.server_time().unwrap_or_else(SystemTime::now);
-                    let Some(state) = reply.into_value() else {
-                        if seen_held && self.inner.recently_throttled() {
-                            // The backend enforces its mutation limit, and the lock was just
-                            // released: create only once it has been seen absent for a whole
-                            // (jittered) window, reading at least twice a second. A holder
-                            // lives at least that window (its delete waits it out too), so a
-                            // create-and-delete of another waiter cannot slip between two
-                            // reads, and our create cannot meet a 429. The jitter lets one of
-                            // many waiters go first; the others read the new holder.
-                            let now = Instant::now();
-                            let (since, window) = *absent.get_or_insert_with(|| {
-                                (now, MUTATION_WINDOW + jitter(MUTATION_WINDOW))
-                            });
-                            let waited = now.duration_since(since);
-                            if waited < window {
-                                let mut pause = (window - waited).min(MUTATION_WINDOW / 2);
-                                if let Contention::WaitUntil(deadline) = contention {
-                                    pause = pause.min(deadline.saturating_duration_since(now));
-                                }
-                                Box::pin(tokio::time::sleep(pause)).await;
-                                if matches!(contention, Contention::WaitUntil(d) if Instant::now() < d)
-                                {
-                                    continue;
-                                }
-                            }
-                            absent = None;
-                        } else if seen_held && !confirming {
-                            // A waiter that saw the lock go: wait a random moment and look
-                            // again, so that of many waiters one creates and the others read
-                            // the new holder, instead of all sending creates at once.
-                            // The moment comes out of the poll cap, not on top of it.
-                            confirming = true;
-                            if let Contention::WaitUntil(deadline) = contention {
-                                let mut until =
-                                    deadline.min(Instant::now() + jitter(cfg.poll.min()));
-                                if let Some(look) = held_look {
-                                    until = until.min(look + cfg.poll.max());
-                                }
-                                Box::pin(tokio::time::sleep_until(until.into())).await;
-                            }
-                            continue;
-                        }
-                        confirming = false;
-                        rounds += 1;
-                        let give_up = match contention {
-                            Contention::Fail => rounds >= TRY_ROUNDS,
-                            Contention::WaitUntil(deadline) => Instant::now() >= deadline,
-                        };
-                        if give_up {
-                            return Err(Error::Held { remaining: None });
-                        }
-                        step = Step::Create;
-                        continue;
-                    };
-                    if object::owner_of(&state) == Some(&*owner) {
-                        // One of our own writes landed although its reply was lost.
-                        let sent = first_write.unwrap_or(started);
-                        if sent + cfg.ttl - cfg.margin() > Instant::now() {
-                            tracing::debug!(target: "dimutex", key_id = crate::key_id(&key), "adopted our own landed write");
-                            return Ok(self.hold(key, name, owner, state, sent));
-                        }
-                        step = Step::Takeover(state.version());
-                        continue;
-                    }
-                    confirming = false;
-                    absent = None;
-                    match object::judge(&state, server_now, cfg.ttl) {
-                        Verdict::Expired => step = Step::Takeover(state.version()),
-                        Verdict::Held { remaining } => match contention {
-                            Contention::Fail => {
-                                return Err(Error::Held {
-                                    remaining: Some(remaining),
-                                });
-                            }
-                            Contention::WaitUntil(deadline) => {
-                                seen_held = true;
-                                let now = Instant::now();
-                                if now >= deadline {
-                                    return Err(Error::Held {
-                                        remaining: Some(remaining),
-                                    });
-                                }
-                                if let Some(lease) = local.healthy_holder(&name) {
-                                    // Taken by another task of ours meanwhile: wait for its
-                                    // release instead of polling.
-                                    Box::pin(self.wait_for_local(&lease, deadline)).await?;
-                                    step = Step::Create;
-                                    continue;
-                                }
-                                // Counted from this read's send, so reads are at most a cap
-                                // apart; but no sooner than the poll minimum after its answer,
-                                // so a slow backend is not read back to back.
-                                held_look = Some(sent);
-                                let next = (sent + polls.next_delay())
-                                    .max(Instant::now() + cfg.poll.min())
-                                    .min(deadline);
-                                Box::pin(tokio::time::sleep_until(next.into())).await;
-                                if self.inner.shut.load(Ordering::SeqCst) {
-                                    return Err(Error::ShutDown);
-                                }
-                            }
-                        },
-                    }
-                }
-            }
-        }
-    }
-
-    /// Waits (until `deadline`) for a lease of this client to end; "held" at the deadline.
-    async fn wait_for_local(
-        &self,
-        lease: &Arc<LeaseShared>,
-        deadline: Instant,
-    ) -> Result<(), Error> {
-        match tokio::time::timeout_at(deadline.into(), lease.ended()).await {
+        inner.pending.close();
+        inner.shutdown.send_replace(true);
+        match tokio::time::timeout(timeout, inner.pending.drained()).await {
             Ok(()) => Ok(()),
-            Err(_) => Err(Error::Held {
-                remaining: Some(local::remaining(lease, self.inner.config.margin())),
+            Err(_) => Err(ShutdownTimeout {
+                pending: inner.pending.count(),
             }),
         }
     }
 
     /// How long the lock object `name` may stay held, if a healthy lease of this client
-    /// holds it.
-    pub(crate) fn held_here_for(&self, name: &ObjectName) -> Option<Duration> {
-        self.inner
-            .local
-            .held_for(name.as_bytes(), self.inner.config.margin())
+    /// holds it: a fail-fast caller is refused without a request.
+    pub(crate) fn held_here_for(&self, name: &str) -> Option<Duration> {
+        self.inner.local.held_for(name)
     }
 
-    /// "Held" for a waiter whose deadline passed in the local queue.
-    fn held_here(&self, name: &ObjectName) -> Error {
-        Error::Held {
-            remaining: self.held_here_for(name),
-        }
-    }
-
-    /// Turns a backend error that ends an acquisition into the client's error.
-    fn failure(&self, e: BackendError) -> Error {
-        self.inner.failure(e)
-    }
-
-    /// The lock taken by the create sent at `sent` (its only write): logged, and held.
-    fn took(
+    /// An acquisition of `key`, whose object name is `name`. Ends with [`Error::ShutDown`]
+    /// as soon as the client shuts down.
+    pub(crate) async fn acquire_named(
         &self,
         key: LockKey,
         name: ObjectName,
-        owner: Arc<str>,
-        state: ObjectState,
-        sent: Instant,
-    ) -> LockGuard {
-        tracing::debug!(target: "dimutex", key_id = crate::key_id(&key), elapsed_ms = sent.elapsed().as_millis() as u64, "acquired");
-        self.hold(key, name, owner, state, sent)
+        mode: Mode,
+    ) -> Result<LockGuard, Error> {
+        let ticket = self.inner.pending.enter().ok_or(Error::ShutDown)?;
+        let mut shutdown = self.inner.shutdown.subscribe();
+        tokio::select! {
+            biased;
+            () = driver::shut_down(&mut shutdown) => Err(Error::ShutDown),
+            result = self.acquire_ticketed(key, name, mode, ticket) => result,
+        }
     }
 
+    async fn acquire_ticketed(
+        &self,
+        key: LockKey,
+        name: ObjectName,
+        mode: Mode,
+        ticket: Ticket,
+    ) -> Result<LockGuard, Error> {
+        let local = &self.inner.local;
+        let _turn = match mode {
+            Mode::Try => {
+                if let Some(remaining) = local.held_for(&name) {
+                    return Err(Error::Held {
+                        remaining: Some(remaining),
+                    });
+                }
+                None
+            }
+            // Waiters of this client queue locally; only the head of the queue talks to the
+            // backend, and not while a lease of ours holds the key.
+            Mode::WaitUntil(deadline) => {
+                let turn = local.queue(&name, deadline).await;
+                let turn = turn.ok_or_else(|| self.held_here(&name))?;
+                // Until the driver is done with it: a waiter that went on as soon as the lease
+                // was over would meet its delete in flight.
+                while let Some(lease) = local.holder(&name) {
+                    let finished = lease.finished();
+                    if tokio::time::timeout_at(deadline.into(), finished)
+                        .await
+                        .is_err()
+                    {
+                        return Err(Error::Held {
+                            remaining: Some(local::remaining(&lease)),
+                        });
+                    }
+                }
+                Some(turn)
+            }
+        };
+        let owner = new_owner(&self.inner.identity);
+        let mut attempt = Attempt {
+            driver: self.inner.driver(),
+            name: name.to_string(),
+            owner: owner.clone(),
+            ticket: Some(ticket),
+            trace: Trace::default(),
+        };
+        let p = &*self.inner.protocol;
+        let acquired = acquire::acquire(p, &name, &owner, mode, &mut attempt.trace).await?;
+        let ticket = attempt.done();
+        tracing::debug!(target: "dimutex", key_id = crate::key_id(&key), how = ?acquired.how, elapsed_ms = acquired.sent.elapsed().as_millis() as u64, "acquired");
+        Ok(self.hold(key, name, owner, acquired, ticket, &attempt.driver))
+    }
+
+    /// A lock taken: registered here, and handed to the lease driver.
     fn hold(
         &self,
         key: LockKey,
         name: ObjectName,
         owner: Arc<str>,
-        state: ObjectState,
-        sent: Instant,
+        acquired: Acquired,
+        ticket: Ticket,
+        driver: &DriverHandle,
     ) -> LockGuard {
-        let inner = &self.inner;
-        let cfg = &inner.config;
-        let id = lease::next_id();
-        let shared = Arc::new(LeaseShared::new(
-            id,
-            key,
-            name,
-            owner,
-            state.version(),
-            sent,
-            sent + cfg.ttl - cfg.margin(),
-        ));
-        inner.local.insert(shared.clone());
-        inner.hold(id, lease::Lease::new(inner.clone(), shared.clone()), sent);
-        LockGuard::new(shared, inner.clone())
+        let s = self.inner.protocol.settings();
+        let Acquired { state, sent, .. } = acquired;
+        let token = FencingToken::from_generation(state.version().generation());
+        let lease = Arc::new(Lease::new(key, name, owner, token, sent, s.ttl, s.margin()));
+        let local = &self.inner.local;
+        local.insert(lease.clone());
+        let known = Known::new(state.version(), sent);
+        driver.send(Job::Keep(Kept::new(
+            lease.clone(),
+            known,
+            local.clone(),
+            ticket,
+        )));
+        LockGuard::new(lease)
     }
 
-    /// [`Inner::call_with`] with the policy's deadline (its future itself: no wrapper).
-    fn call<'a, T, F>(
-        &'a self,
-        op: F,
-        retry_rate_limited: bool,
-    ) -> impl Future<Output = Attempted<T>> + 'a
-    where
-        F: FnMut() -> BackendFuture<'a, Result<T, BackendError>> + 'a,
-        T: 'a,
-    {
-        self.inner.call_with(op, None, retry_rate_limited)
+    /// "Held" for a waiter whose deadline passed in the local queue.
+    fn held_here(&self, name: &str) -> Error {
+        Error::Held {
+            remaining: self.held_here_for(name),
+        }
     }
 }
 
 impl Inner {
-    /// Hands lease `id` (its acquisition sent at `sent`) to the lease driver, started on the
-    /// current runtime if there is none (or its runtime has stopped).
-    fn hold(&self, id: u64, lease: lease::Lease, sent: Instant) {
-        if !self.inbox.post(id, lease, sent) {
-            return;
-        }
+    /// The lease driver, started on the current runtime if there is none (or its runtime
+    /// has stopped).
+    fn driver(&self) -> DriverHandle {
         let mut driver = self.driver.lock().unwrap_or_else(|e| e.into_inner());
         match &*driver {
-            Some(handle) if !handle.is_closed() => handle.wake(),
+            Some(handle) if !handle.is_closed() => handle.clone(),
             _ => {
-                *driver = Some(lease::spawn_driver(
-                    self.inbox.clone(),
-                    self.shutdown.subscribe(),
-                ))
+                let handle = driver::spawn(self.protocol.clone(), self.shutdown.subscribe());
+                *driver = Some(handle.clone());
+                handle
             }
-        }
-    }
-
-    /// The lease driver, for a guard's release that needs it; never starts one (a guard may
-    /// be dropped anywhere). Sending to a driver whose runtime stopped fails: the lease then
-    /// expires.
-    pub(crate) fn driver(&self) -> Option<lease::DriverHandle> {
-        self.driver
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
-    }
-
-    /// Counts lease `id` among the live ones.
-    pub(crate) fn lease_opened(&self, id: u64) {
-        self.live.add(lease::part_of(id));
-    }
-
-    /// Takes lease `id` off the live ones.
-    pub(crate) fn lease_closed(&self, id: u64) {
-        if self.live.remove(lease::part_of(id)) {
-            self.drained.notify();
-        }
-    }
-
-    /// Sends one request, retrying transient failures per the retry policy until `give_up_at`
-    /// (default: the policy's `max_elapsed` from now).
-    pub(crate) fn call<'a, T, F>(
-        &'a self,
-        op: F,
-        give_up_at: Option<Instant>,
-    ) -> impl Future<Output = Attempted<T>> + 'a
-    where
-        F: FnMut() -> BackendFuture<'a, Result<T, BackendError>> + 'a,
-        T: 'a,
-    {
-        self.call_with(op, give_up_at, true)
-    }
-
-    /// [`call`](Self::call), retrying 429s only if `retry_rate_limited`.
-    pub(crate) async fn call_with<'a, T, F>(
-        &self,
-        mut op: F,
-        give_up_at: Option<Instant>,
-        retry_rate_limited: bool,
-    ) -> Attempted<T>
-    where
-        F: FnMut() -> BackendFuture<'a, Result<T, BackendError>>,
-    {
-        let first_sent = Instant::now();
-        let give_up_at = give_up_at.unwrap_or(first_sent + self.config.retry.max_elapsed());
-        let mut delays = self.config.retry.backoff().delays();
-        let mut ambiguous = false;
-        loop {
-            let result = match deadline::within(self.config.request_timeout, op()).await {
-                Some(result) => result,
-                None => Err(BackendError::Transient {
-                    status: None,
-                    retry_after: None,
-                    message: format!("no reply within {:?}", self.config.request_timeout),
-                }),
-            };
-            if matches!(&result, Err(e) if e.is_rate_limited()) {
-                self.note_throttled();
-            }
-            // The reply is not kept across the pause: a smaller future for every acquisition.
-            let delay = match result {
-                Err(e) if e.is_transient() && (retry_rate_limited || !e.is_rate_limited()) => {
-                    // A 429 is refused before it is applied; anything else may have landed.
-                    ambiguous |= !e.is_rate_limited();
-                    let mut delay = delays.next_delay();
-                    if e.is_rate_limited() {
-                        // About one mutation per second per object: sooner is refused again.
-                        delay = delay.max(MUTATION_WINDOW);
-                    }
-                    if let BackendError::Transient {
-                        retry_after: Some(after),
-                        ..
-                    } = &e
-                    {
-                        delay = delay.max((*after).min(self.config.retry.backoff().max()));
-                    }
-                    if Instant::now() + delay > give_up_at {
-                        return Attempted {
-                            result: Err(e),
-                            ambiguous,
-                            first_sent,
-                        };
-                    }
-                    tracing::debug!(target: "dimutex", error = %e, delay_ms = delay.as_millis() as u64, "transient failure; retrying");
-                    delay
-                }
-                result => {
-                    return Attempted {
-                        result,
-                        ambiguous,
-                        first_sent,
-                    };
-                }
-            };
-            tokio::time::sleep(delay).await;
-        }
-    }
-
-    /// Remembers that the backend enforces its per-object mutation limit.
-    pub(crate) fn note_throttled(&self) {
-        let at = lease::since_origin(Instant::now()).saturating_add(1);
-        self.throttled_at.store(at, Ordering::Relaxed);
-    }
-
-    /// Whether the backend answered 429 in the last minute.
-    pub(crate) fn recently_throttled(&self) -> bool {
-        match self.throttled_at.load(Ordering::Relaxed) {
-            0 => false,
-            at => {
-                let elapsed = lease::since_origin(Instant::now()).saturating_sub(at - 1);
-                elapsed < THROTTLE_MEMORY.as_nanos() as u64
-            }
-        }
-    }
-
-    pub(crate) fn failure(&self, e: BackendError) -> Error {
-        match e {
-            BackendError::Transient { retry_after, .. } => Error::Unavailable {
-                retry_after: retry_after.or(Some(self.config.retry.backoff().max())),
-                source: e,
-            },
-            e => Error::Backend(e),
         }
     }
 }
 
-/// GCS allows about one mutation per second per object name.
-pub(crate) const MUTATION_WINDOW: Duration = Duration::from_secs(1);
-
-/// How long a 429 makes waiters of this client wait out the mutation window after a release
-/// before they create.
-const THROTTLE_MEMORY: Duration = Duration::from_secs(60);
-
-/// A random delay up to `max`.
-fn jitter(max: Duration) -> Duration {
-    max.mul_f64(rand::random_range(0.0..=1.0))
+/// An acquisition under way. Dropped before it is [`done`](Self::done) (its future dropped,
+/// or an error returned) while a write of it may have landed, it hands the object's name and
+/// its owner id to the lease driver, which deletes our object if it is there.
+struct Attempt {
+    driver: DriverHandle,
+    name: String,
+    owner: Arc<str>,
+    ticket: Option<Ticket>,
+    trace: Trace,
 }
 
-/// A fresh owner: the readable identity and a random 128-bit nonce.
+impl Attempt {
+    /// The lock is taken: its ticket, for the lease.
+    fn done(&mut self) -> Ticket {
+        self.ticket.take().expect("an attempt is done once")
+    }
+}
+
+impl Drop for Attempt {
+    fn drop(&mut self) {
+        let Some(ticket) = self.ticket.take() else {
+            return;
+        };
+        if self.trace.is_unresolved() {
+            self.driver.send(Job::CleanUp {
+                name: std::mem::take(&mut self.name),
+                owner: self.owner.clone(),
+                ticket,
+            });
+        }
+    }
+}
+
+/// A fresh owner id: the readable identity and a random 128-bit nonce.
 fn new_owner(identity: &str) -> Arc<str> {
-    let nonce = nonce();
-    if identity.len() > MAX_IDENTITY_LEN {
-        return format!("{identity}#{nonce:032x}").into();
-    }
-    // Written in place: one allocation.
-    let mut buf = [0u8; MAX_IDENTITY_LEN + 33];
-    let (name, rest) = buf.split_at_mut(identity.len());
-    name.copy_from_slice(identity.as_bytes());
-    rest[0] = b'#';
-    for (pair, byte) in rest[1..33].chunks_exact_mut(2).zip(nonce.to_be_bytes()) {
-        pair.copy_from_slice(&HEX_PAIRS[usize::from(byte) * 2..][..2]);
-    }
-    // The identity (UTF-8) and ASCII.
-    Arc::from(std::str::from_utf8(&buf[..identity.len() + 33]).unwrap_or_default())
-}
-
-/// "000102…feff": a byte's two hex digits at twice its value.
-const HEX_PAIRS: [u8; 512] = {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    let mut out = [0u8; 512];
-    let mut i = 0;
-    while i < 256 {
-        out[2 * i] = HEX[i >> 4];
-        out[2 * i + 1] = HEX[i & 0xf];
-        i += 1;
-    }
-    out
-};
-
-/// A 128-bit value never handed out before in this process, nor (but with a chance of
-/// 2^-64) in another: a random half chosen once per thread, and a count. An owner id only
-/// has to be unique per acquisition (it tells our own landed write from anyone else's);
-/// drawing 128 fresh random bits for each cost more than the rest of the id.
-fn nonce() -> u128 {
-    thread_local! {
-        /// This thread's random half (0: not drawn yet) and its count.
-        static NONCE: std::cell::Cell<(u64, u64)> = const { std::cell::Cell::new((0, 0)) };
-    }
-    NONCE
-        .try_with(|n| {
-            let (mut half, count) = n.get();
-            if half == 0 {
-                half = rand::random::<u64>() | 1;
-            }
-            n.set((half, count.wrapping_add(1)));
-            (u128::from(half) << 64) | u128::from(count)
-        })
-        // A thread being torn down: fresh random bits.
-        .unwrap_or_else(|_| rand::random())
+    format!("{identity}#{:032x}", rand::random::<u128>()).into()
 }
 
 /// The longest identity [`ClientBuilder::identity`] accepts, in bytes.
@@ -1165,8 +561,6 @@ impl ClientBuilder {
 
     /// Checks the configuration and builds the client.
     pub fn build(self) -> Result<Client, ConfigError> {
-        // Started before any of this client's leases: their times are all later.
-        lease::since_origin(Instant::now());
         key::validate_prefix(&self.prefix).map_err(|e| ConfigError(format!("prefix: {e}")))?;
         if self.ttl < MIN_TTL {
             return Err(ConfigError(format!(
@@ -1199,12 +593,9 @@ impl ClientBuilder {
                 "identity must be 1-256 bytes without control characters or '#'".into(),
             ));
         }
-        let config = Config {
-            prefix: self.prefix,
+        let settings = Settings {
             ttl: self.ttl,
-            ttl_text: object::format_ttl(self.ttl).into(),
             refresh_interval,
-            identity,
             request_timeout: self.request_timeout,
             retry: self.retry,
             poll: self.poll,
@@ -1212,16 +603,13 @@ impl ClientBuilder {
         };
         Ok(Client {
             inner: Arc::new(Inner {
-                backend: self.backend,
-                config,
-                live: Count::default(),
-                drained: Signal::default(),
-                inbox: Arc::new(lease::Inbox::new()),
-                driver: std::sync::Mutex::new(None),
+                protocol: Arc::new(Protocol::new(self.backend, settings)),
+                prefix: self.prefix,
+                identity,
+                local: Arc::default(),
+                pending: Arc::default(),
+                driver: Mutex::new(None),
                 shutdown: watch::Sender::new(false),
-                shut: AtomicBool::new(false),
-                local: Local::default(),
-                throttled_at: AtomicU64::new(0),
             }),
         })
     }
@@ -1268,36 +656,15 @@ mod tests {
     #[test]
     fn owners_are_unique_and_carry_the_identity() {
         let a = new_owner("host:1");
-        assert!(a.starts_with("host:1#"));
-        let nonce = &a["host:1#".len()..];
+        let nonce = a.strip_prefix("host:1#").expect("the identity, then #");
         assert_eq!(nonce.len(), 32);
         assert!(
             nonce
                 .bytes()
-                .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
         );
-        assert_ne!(a, new_owner("host:1"));
-        // Unique across threads and acquisitions.
-        let owners: Vec<Arc<str>> = std::thread::scope(|scope| {
-            let threads: Vec<_> = (0..4)
-                .map(|_| scope.spawn(|| (0..1000).map(|_| new_owner("h")).collect::<Vec<_>>()))
-                .collect();
-            threads
-                .into_iter()
-                .flat_map(|t| t.join().expect("owner thread"))
-                .collect()
-        });
-        let distinct: std::collections::HashSet<&str> = owners.iter().map(|o| &**o).collect();
-        assert_eq!(distinct.len(), owners.len());
-        // The longest identity, multi-byte characters, and (not accepted by the builder, but
-        // handled) a longer one.
-        for identity in [
-            "é".repeat(MAX_IDENTITY_LEN / 2),
-            "x".repeat(MAX_IDENTITY_LEN + 1),
-        ] {
-            let owner = new_owner(&identity);
-            assert_eq!(owner.len(), identity.len() + 33);
-            assert!(owner.starts_with(&format!("{identity}#")));
-        }
+        let owners: std::collections::HashSet<Arc<str>> =
+            (0..1000).map(|_| new_owner("h")).collect();
+        assert_eq!(owners.len(), 1000);
     }
 }

@@ -1,282 +1,18 @@
-//! The handle to a held lock.
+//! The handle to a held lock, and views of it.
 
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use tokio::sync::oneshot;
 
-use crate::backend::Version;
-use crate::client::Inner;
 use crate::error::Error;
-use crate::key::{LockKey, ObjectName};
-use crate::lease;
-use crate::signal::Signal;
-
-/// Where the lease driver sends the outcome of a release, if anyone waits for it.
-pub(crate) type ReleaseRequest = Option<oneshot::Sender<Result<bool, Error>>>;
-
-/// A fencing token: the generation of the lock object this acquisition created.
-///
-/// Each acquisition of a key gets a token no other acquisition of that key gets. Pass it to the
-/// resource you protect and have the resource refuse writes carrying a token other than the
-/// newest it has seen. GCS promises that generations are unique, not that they increase, so
-/// compare tokens by **equality**; they do increase on GCS and on this crate's backends in
-/// practice, which is what [`get`](Self::get) is for. It serializes as a JSON integer.
-///
-/// ```
-/// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), dimutex::Error> {
-/// let client = dimutex::Client::new(dimutex::backend::MemoryBackend::new());
-/// let a = client.try_acquire("k").await?;
-/// let token_a = a.token();
-/// a.release().await?;
-/// let b = client.try_acquire("k").await?;
-/// assert_ne!(b.token(), token_a);
-/// # Ok(()) }
-/// ```
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
-#[serde(transparent)]
-pub struct FencingToken(i64);
-
-impl FencingToken {
-    pub(crate) fn from_generation(generation: i64) -> Self {
-        Self(generation)
-    }
-
-    /// The object generation.
-    ///
-    /// ```
-    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), dimutex::Error> {
-    /// # let client = dimutex::Client::new(dimutex::backend::MemoryBackend::new());
-    /// let guard = client.try_acquire("k").await?;
-    /// assert!(guard.token().get() > 0);
-    /// # Ok(()) }
-    /// ```
-    pub fn get(self) -> i64 {
-        self.0
-    }
-}
-
-impl From<i64> for FencingToken {
-    /// A token from its number, as printed by [`Display`](fmt::Display) (for operators
-    /// passing a token back, say).
-    fn from(generation: i64) -> Self {
-        Self(generation)
-    }
-}
-
-impl std::str::FromStr for FencingToken {
-    type Err = std::num::ParseIntError;
-
-    /// Parses a token as printed by [`Display`](fmt::Display).
-    ///
-    /// ```
-    /// let t: dimutex::FencingToken = "1795674826528415".parse().unwrap();
-    /// assert_eq!(t.get(), 1795674826528415);
-    /// ```
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        s.trim().parse().map(Self)
-    }
-}
-
-impl fmt::Display for FencingToken {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Display::fmt(&self.0, f)
-    }
-}
-
-/// What the guard, the client's local map and the lease driver share.
-/// [`LeaseShared::end`]: its release has ended.
-const ENDED: u8 = 1;
-/// [`LeaseShared::watch`]: the lease driver has it in its care.
-const WATCHED: u8 = 2;
-
-pub(crate) struct LeaseShared {
-    id: u64,
-    key: LockKey,
-    /// The lock object's name.
-    name: ObjectName,
-    /// This acquisition's owner id, as written in the object's metadata.
-    owner: Arc<str>,
-    token: FencingToken,
-    /// Lost, or ended.
-    lost: AtomicBool,
-    /// [`ENDED`] once its release has ended; [`WATCHED`] once the lease driver took it into
-    /// its care. Whoever comes second of the two knows the other's part is done.
-    stage: AtomicU8,
-    notify: Signal,
-    /// `sent` of the last successful write + ttl − margin, in nanoseconds since the lease
-    /// clock's origin: past it, the lease is not ours any more. Outside `state`: a busy key's
-    /// health is read by every request for it, and a lock would be a write each time. It only
-    /// grows, and it is written with `state` locked.
-    deadline: AtomicU64,
-    state: Mutex<LeaseState>,
-}
-
-/// Where a lease stands; changed by the lease driver and by [`LockGuard::release`].
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct LeaseState {
-    /// The object's version after our last write.
-    pub(crate) version: Version,
-    /// When our last successful write was sent.
-    pub(crate) sent: Instant,
-    /// The driver has a refresh in flight.
-    pub(crate) refreshing: bool,
-    /// Its release has begun (by the driver, or by `LockGuard::release` in the caller's task).
-    pub(crate) releasing: bool,
-    /// Someone else changed or removed the object.
-    pub(crate) gone: bool,
-}
-
-/// Who may release a lease now.
-pub(crate) enum Claim {
-    /// The caller, with the lease's state at that moment.
-    Claimed(LeaseState),
-    /// Nobody yet: a refresh is in flight (the driver releases it afterwards).
-    Refreshing,
-    /// Nobody: its release has begun.
-    Releasing,
-}
-
-impl LeaseShared {
-    pub(crate) fn new(
-        id: u64,
-        key: LockKey,
-        name: ObjectName,
-        owner: Arc<str>,
-        version: Version,
-        sent: Instant,
-        deadline: Instant,
-    ) -> Self {
-        Self {
-            id,
-            key,
-            name,
-            owner,
-            token: FencingToken(version.generation()),
-            lost: AtomicBool::new(false),
-            stage: AtomicU8::new(0),
-            notify: Signal::default(),
-            deadline: AtomicU64::new(lease::since_origin(deadline)),
-            state: Mutex::new(LeaseState {
-                version,
-                sent,
-                refreshing: false,
-                releasing: false,
-                gone: false,
-            }),
-        }
-    }
-
-    pub(crate) fn state(&self) -> MutexGuard<'_, LeaseState> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Starts the release unless a refresh is in flight or the release has begun.
-    pub(crate) fn claim_release(&self) -> Claim {
-        let mut state = self.state();
-        if state.releasing {
-            Claim::Releasing
-        } else if state.refreshing {
-            Claim::Refreshing
-        } else {
-            state.releasing = true;
-            Claim::Claimed(*state)
-        }
-    }
-
-    pub(crate) fn id(&self) -> u64 {
-        self.id
-    }
-
-    pub(crate) fn deadline(&self) -> Instant {
-        lease::at_since_origin(self.deadline.load(Ordering::Relaxed))
-    }
-
-    /// Moves the deadline on after a refresh (with `state` locked by the caller).
-    pub(crate) fn set_deadline(&self, at: Instant) {
-        self.deadline
-            .store(lease::since_origin(at), Ordering::Relaxed);
-    }
-
-    pub(crate) fn key(&self) -> &LockKey {
-        &self.key
-    }
-
-    pub(crate) fn name(&self) -> &str {
-        self.name.as_str()
-    }
-
-    /// The lock object's name as bytes (no check that they are UTF-8, which they are).
-    pub(crate) fn name_bytes(&self) -> &[u8] {
-        self.name.as_bytes()
-    }
-
-    pub(crate) fn owner(&self) -> &str {
-        &self.owner
-    }
-
-    pub(crate) fn is_lost(&self) -> bool {
-        self.lost.load(Ordering::Acquire)
-    }
-
-    /// Marks the release ended. The first time: `Some(watched)`, whether the lease driver
-    /// has the lease in its care (and so must be told to forget it); later: `None`.
-    pub(crate) fn end(&self) -> Option<bool> {
-        let before = self.stage.fetch_or(ENDED, Ordering::AcqRel);
-        (before & ENDED == 0).then_some(before & WATCHED != 0)
-    }
-
-    /// The lease driver takes the lease into its care, unless its release has ended already.
-    pub(crate) fn watch(&self) -> bool {
-        self.stage.fetch_or(WATCHED, Ordering::AcqRel) & ENDED == 0
-    }
-
-    /// Marks the lease lost (or ended) and wakes everyone waiting for that.
-    pub(crate) fn mark_lost(&self) {
-        self.lost.store(true, Ordering::Release);
-        self.notify.notify();
-    }
-
-    /// Not lost, and the local deadline not passed.
-    pub(crate) fn is_healthy(&self) -> bool {
-        self.healthy_for().is_some()
-    }
-
-    /// How long until the local deadline, if the lease is healthy (not lost, and strictly
-    /// before that deadline).
-    pub(crate) fn healthy_for(&self) -> Option<Duration> {
-        if self.is_lost() {
-            return None;
-        }
-        let left = self.deadline().checked_duration_since(Instant::now())?;
-        (!left.is_zero()).then_some(left)
-    }
-
-    /// A lease for unit tests: object `name`, lease `id`, local `deadline`.
-    #[cfg(test)]
-    pub(crate) fn for_test(id: u64, name: &str, deadline: Instant) -> Self {
-        Self::new(
-            id,
-            LockKey::new("k").unwrap(),
-            name.into(),
-            "test#1".into(),
-            Version::new(1, 1),
-            Instant::now(),
-            deadline,
-        )
-    }
-
-    /// Resolves when the lease is lost or has ended.
-    pub(crate) fn ended(self: &Arc<Self>) -> impl Future<Output = ()> + Send + Sync + 'static {
-        let shared = self.clone();
-        async move { shared.notify.wait_until(|| shared.is_lost()).await }
-    }
-}
+use crate::key::LockKey;
+use crate::lease::{Cause, Lease};
+use crate::token::FencingToken;
 
 /// A held lock. Dropping it releases the lock in the background.
 ///
@@ -309,15 +45,15 @@ impl LeaseShared {
 #[must_use = "dropping the guard releases the lock at once"]
 pub struct LockGuard {
     held: HeldLock,
-    /// Until the release is asked for (then it moves into the release).
-    client: Option<Arc<Inner>>,
+    /// Its release has been asked for.
+    released: bool,
 }
 
 impl LockGuard {
-    pub(crate) fn new(shared: Arc<LeaseShared>, client: Arc<Inner>) -> Self {
+    pub(crate) fn new(lease: Arc<Lease>) -> Self {
         Self {
-            held: HeldLock { shared },
-            client: Some(client),
+            held: HeldLock { lease },
+            released: false,
         }
     }
 
@@ -361,6 +97,22 @@ impl LockGuard {
         self.held.is_healthy()
     }
 
+    /// The earliest moment, by this process's monotonic clock, at which another owner could
+    /// take the lock over if no further refresh succeeds: the send time of the last
+    /// successful write plus the ttl. The lease counts as lost a tenth of the ttl earlier;
+    /// work that must not overlap another holder's (a child process, say) must stop by then.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), dimutex::Error> {
+    /// # let client = dimutex::Client::new(dimutex::backend::MemoryBackend::new());
+    /// let guard = client.try_acquire("k").await?;
+    /// assert!(guard.expires_at() > std::time::Instant::now());
+    /// # Ok(()) }
+    /// ```
+    pub fn expires_at(&self) -> Instant {
+        self.held.expires_at()
+    }
+
     /// A [`HeldLock`]: a cheap view of this lock (key, token, lost signal) to hand to code
     /// that does not own the guard.
     ///
@@ -394,12 +146,14 @@ impl LockGuard {
 
     /// Releases the lock and reports whether it was still ours: `true` when the conditional
     /// delete removed our lock object, `false` when the lease had been lost and someone else
-    /// changed or removed the object. Transient failures are retried per the client's retry
-    /// policy; after that the error is returned and expiry frees the lock.
+    /// changed or removed the object. Transient failures (a 429 for a delete right after the
+    /// create, say: GCS allows one mutation per second per object) are retried while the
+    /// lease is ours, and at least for the client's retry policy's budget; after that the
+    /// error is returned and expiry frees the lock. A lease the client
+    /// gave up at [`Client::shutdown`](crate::Client::shutdown) is [`Error::ShutDown`].
     ///
-    /// The delete is sent from the calling task (after the refresh in flight, if one is).
-    /// Dropping this future before it completes is safe: the client finishes the release in
-    /// the background, as for a dropped guard.
+    /// The lease driver sends the delete (after the refresh in flight, if one is). Dropping
+    /// this future before it completes is safe: the release goes on, as for a dropped guard.
     ///
     /// ```
     /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), dimutex::Error> {
@@ -409,18 +163,21 @@ impl LockGuard {
     /// # Ok(()) }
     /// ```
     pub async fn release(mut self) -> Result<bool, Error> {
-        let Some(client) = self.client.take() else {
-            return Err(Error::ShutDown);
-        };
-        lease::release_from_guard(&client, &self.held.shared).await
+        self.released = true;
+        let (tx, rx) = oneshot::channel();
+        match self.held.lease.ask_release(Some(tx)) {
+            Ok(()) => rx.await.unwrap_or(Err(Error::ShutDown)),
+            Err(Some(Cause::Refused | Cause::DeadlinePassed)) => Ok(false),
+            Err(_) => Err(Error::ShutDown),
+        }
     }
 }
 
 impl Drop for LockGuard {
     fn drop(&mut self) {
-        if let Some(client) = self.client.take() {
-            // No spawn, no blocking: an in-process delete is done here, any other by the driver.
-            lease::release_on_drop(client, &self.held.shared);
+        if !self.released {
+            // Only a message to the lease driver: no spawn, no blocking.
+            let _ = self.held.lease.ask_release(None);
         }
     }
 }
@@ -442,7 +199,7 @@ impl Drop for LockGuard {
 /// ```
 #[derive(Clone)]
 pub struct HeldLock {
-    shared: Arc<LeaseShared>,
+    lease: Arc<Lease>,
 }
 
 impl HeldLock {
@@ -456,7 +213,7 @@ impl HeldLock {
     /// # Ok(()) }
     /// ```
     pub fn key(&self) -> &LockKey {
-        self.shared.key()
+        self.lease.key()
     }
 
     /// The fencing token of the acquisition.
@@ -469,7 +226,7 @@ impl HeldLock {
     /// # Ok(()) }
     /// ```
     pub fn token(&self) -> FencingToken {
-        self.shared.token
+        self.lease.token()
     }
 
     /// Whether the lease is still held and healthy; see [`LockGuard::is_healthy`].
@@ -482,7 +239,13 @@ impl HeldLock {
     /// # Ok(()) }
     /// ```
     pub fn is_healthy(&self) -> bool {
-        self.shared.is_healthy()
+        self.lease.is_healthy()
+    }
+
+    /// The earliest moment another owner could take the lock over; see
+    /// [`LockGuard::expires_at`].
+    pub fn expires_at(&self) -> Instant {
+        self.lease.expires_at()
     }
 
     /// Resolves when the lease is lost or has ended; see [`LockGuard::lost`].
@@ -497,8 +260,9 @@ impl HeldLock {
     /// # Ok(()) }
     /// ```
     pub fn lost(&self) -> Lost {
+        let lease = self.lease.clone();
         Lost {
-            inner: Box::pin(self.shared.ended()),
+            inner: Box::pin(async move { lease.over().await }),
         }
     }
 }
@@ -540,30 +304,5 @@ impl Future for Lost {
 impl fmt::Debug for Lost {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Lost").finish_non_exhaustive()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn lease() -> LeaseShared {
-        LeaseShared::for_test(1, "dimutex/k", Instant::now())
-    }
-
-    #[test]
-    fn ended_before_the_driver_looks_is_never_watched() {
-        let shared = lease();
-        assert_eq!(shared.end(), Some(false), "no driver entry to forget");
-        assert!(!shared.watch(), "the driver skips it");
-        assert_eq!(shared.end(), None, "counted once");
-    }
-
-    #[test]
-    fn watched_before_the_end_is_forgotten_when_told() {
-        let shared = lease();
-        assert!(shared.watch());
-        assert_eq!(shared.end(), Some(true), "the driver must be told");
-        assert_eq!(shared.end(), None);
     }
 }

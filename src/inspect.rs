@@ -5,9 +5,9 @@ use std::time::{Duration, SystemTime};
 use crate::backend::{BackendError, ObjectState, Reply};
 use crate::client::Client;
 use crate::error::Error;
-use crate::guard::FencingToken;
 use crate::key::LockKey;
 use crate::object::{self, ExpirySource};
+use crate::token::FencingToken;
 
 /// What a lock object says about its holder, read with [`Client::status`].
 ///
@@ -105,12 +105,11 @@ impl Client {
 
     /// Reads a lock object, retrying transient failures.
     async fn read(&self, name: &str) -> Result<Reply<Option<ObjectState>>, Error> {
-        let backend = &*self.inner.backend;
-        self.inner
-            .call(|| backend.inspect(name), None)
+        let p = &*self.inner.protocol;
+        p.send_within_policy(|| p.backend().inspect(name))
             .await
             .result
-            .map_err(|e| self.inner.failure(e))
+            .map_err(|e| p.failure(e))
     }
 
     fn describe(&self, state: &ObjectState, server_time: SystemTime) -> LockStatus {
@@ -150,7 +149,7 @@ impl Client {
     {
         let key: LockKey = key.try_into().map_err(Into::into)?;
         let name = self.object_name(&key)?;
-        let backend = &*self.inner.backend;
+        let p = &*self.inner.protocol;
         // A refresh may move the metageneration between our read and our delete: read again.
         for _ in 0..8 {
             let Some(state) = self.read(&name).await?.into_value() else {
@@ -160,15 +159,14 @@ impl Client {
                 return Ok(false);
             }
             let version = state.version();
-            let a = self
-                .inner
-                .call(|| backend.release(&name, version), None)
+            let a = p
+                .send_within_policy(|| p.backend().release(&name, version))
                 .await;
             match a.result {
                 Ok(_) => return Ok(true),
                 Err(BackendError::NotFound) => return Ok(a.ambiguous),
                 Err(BackendError::PreconditionFailed) => continue,
-                Err(e) => return Err(self.inner.failure(e)),
+                Err(e) => return Err(p.failure(e)),
             }
         }
         Err(Error::Held { remaining: None })

@@ -42,7 +42,7 @@
 pub mod backend;
 mod backoff;
 mod client;
-mod deadline;
+mod driver;
 mod error;
 #[cfg(feature = "axum")]
 pub mod extract;
@@ -53,18 +53,23 @@ pub mod layer;
 mod lease;
 mod local;
 mod object;
+mod pending;
+mod protocol;
 mod shards;
 mod signal;
 #[cfg(feature = "testing")]
 pub mod testing;
 mod text;
+mod token;
 
 pub use backoff::{Backoff, RetryPolicy};
-pub use client::{Client, ClientBuilder, MIN_REFRESH_INTERVAL, MIN_TTL, WallClock};
+pub use client::{Client, ClientBuilder, MIN_REFRESH_INTERVAL, MIN_TTL};
 pub use error::{ConfigError, Error, ShutdownTimeout};
-pub use guard::{FencingToken, HeldLock, LockGuard, Lost};
+pub use guard::{HeldLock, LockGuard, Lost};
 pub use inspect::LockStatus;
 pub use key::{KeyError, LockKey, MAX_OBJECT_NAME_LEN};
+pub use protocol::WallClock;
+pub use token::FencingToken;
 
 /// A short, stable digest of a key for logs, so raw keys never appear above DEBUG.
 pub(crate) fn key_id(key: &LockKey) -> u64 {

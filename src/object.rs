@@ -12,15 +12,13 @@
 //! are judged by it plus [`FOREIGN_SKEW`], against the server's clock. A lock with neither
 //! readable falls back to `updated` + the configured ttl — never "instantly stale".
 
-use std::cell::Cell;
-use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use time::OffsetDateTime;
 use time::format_description::BorrowedFormatItem;
 use time::macros::format_description;
 
-use crate::backend::{Metadata, MetadataValue, ObjectState, Version};
+use crate::backend::{Metadata, ObjectState, Version};
 
 pub(crate) const TTL: &str = "ttl";
 pub(crate) const OWNER: &str = "owner";
@@ -35,59 +33,20 @@ const DATE_RESOLUTION: Duration = Duration::from_secs(1);
 const EXPIRES_FORMAT: &[BorrowedFormatItem<'static>] =
     format_description!("[year]-[day]-[month] [hour]:[minute]:[second].[subsecond digits:6] UTC");
 
-/// Formats a time as Python `dimutex` writes `expires` (`EXPIRES_FORMAT`), digit by digit:
-/// this runs on every acquisition and refresh, and the format interpreter of `time` costs
-/// several times more. The calendar part is worked out once per second per thread. Times
-/// before 1970 or after 9999 (a broken wall clock) are written as the epoch.
-pub(crate) fn format_expires(at: SystemTime) -> MetadataValue {
-    thread_local! {
-        /// The last second formatted on this thread, and its "YYYY-DD-MM HH:MM:SS".
-        static SECOND: Cell<(u64, [u8; 19])> = const { Cell::new((u64::MAX, [0; 19])) };
-    }
-    let since_epoch = at
+/// Formats a time as Python `dimutex` writes `expires` (`EXPIRES_FORMAT`). Times before
+/// 1970 or after 9999 (a broken wall clock) are written as the epoch.
+pub(crate) fn format_expires(at: SystemTime) -> String {
+    let at = at
         .duration_since(SystemTime::UNIX_EPOCH)
         .ok()
-        .filter(|d| d.as_secs() <= LAST_SECOND_OF_9999);
-    let (secs, micros) = since_epoch.map_or((0, 0), |d| (d.as_secs(), d.subsec_micros()));
-    // "YYYY-DD-MM HH:MM:SS.ffffff UTC", written in place, and held inline: no allocation.
-    let mut out = *b"0000-00-00 00:00:00.000000 UTC";
-    let cached = SECOND.try_with(Cell::get).ok().filter(|&(s, _)| s == secs);
-    let date = match cached {
-        Some((_, date)) => date,
-        None => {
-            let date = format_second(secs);
-            let _ = SECOND.try_with(|c| c.set((secs, date)));
-            date
-        }
-    };
-    out[..19].copy_from_slice(&date);
-    put_digits(&mut out[20..26], micros);
-    // ASCII digits and separators: held as they are, with no check.
-    MetadataValue::concat(&out, &[])
-}
-
-/// 9999-12-31 23:59:59 UTC, in seconds since the epoch.
-const LAST_SECOND_OF_9999: u64 = 253_402_300_799;
-
-/// "YYYY-DD-MM HH:MM:SS" of a second since the epoch (at most [`LAST_SECOND_OF_9999`]).
-fn format_second(secs: u64) -> [u8; 19] {
-    let at = OffsetDateTime::from_unix_timestamp(secs as i64).unwrap_or(OffsetDateTime::UNIX_EPOCH);
-    let mut out = *b"0000-00-00 00:00:00";
-    put_digits(&mut out[0..4], at.year() as u32);
-    put_digits(&mut out[5..7], u32::from(at.day()));
-    put_digits(&mut out[8..10], u32::from(u8::from(at.month())));
-    put_digits(&mut out[11..13], u32::from(at.hour()));
-    put_digits(&mut out[14..16], u32::from(at.minute()));
-    put_digits(&mut out[17..19], u32::from(at.second()));
-    out
-}
-
-/// Writes the last `out.len()` decimal digits of `n`, zero-padded.
-fn put_digits(out: &mut [u8], mut n: u32) {
-    for digit in out.iter_mut().rev() {
-        *digit = b'0' + (n % 10) as u8;
-        n /= 10;
-    }
+        .and_then(|d| OffsetDateTime::from_unix_timestamp_nanos(d.as_nanos() as i128).ok())
+        .filter(|at| at.year() <= 9999)
+        .unwrap_or(OffsetDateTime::UNIX_EPOCH);
+    // Microseconds, as Python's `%f`: truncated, never rounded up into the next second.
+    let at = at
+        .replace_nanosecond(at.nanosecond() / 1000 * 1000)
+        .unwrap_or(at);
+    at.format(EXPIRES_FORMAT).unwrap_or_default()
 }
 
 /// Parses Python `dimutex`'s `expires`.
@@ -115,24 +74,18 @@ pub(crate) fn parse_ttl(s: &str) -> Option<Duration> {
     Some(Duration::from_secs_f64(secs))
 }
 
-/// The metadata of a fresh lock; `ttl_text` is [`format_ttl`] of `ttl` (made once per client).
-pub(crate) fn lock_metadata(
-    ttl: Duration,
-    ttl_text: &MetadataValue,
-    owner: &Arc<str>,
-    wall_now: SystemTime,
-) -> Metadata {
-    debug_assert_eq!(ttl_text.as_str(), format_ttl(ttl));
-    Metadata::from_sorted([
+/// The metadata of a fresh lock.
+pub(crate) fn lock_metadata(ttl: Duration, owner: &str, wall_now: SystemTime) -> Metadata {
+    Metadata::from([
         (EXPIRES, format_expires(wall_now + ttl)),
-        (OWNER, MetadataValue::from(owner.clone())),
-        (TTL, ttl_text.clone()),
+        (OWNER, owner.to_owned()),
+        (TTL, format_ttl(ttl)),
     ])
 }
 
 /// The metadata a refresh merges in.
 pub(crate) fn refresh_metadata(ttl: Duration, wall_now: SystemTime) -> Metadata {
-    Metadata::from_sorted([(EXPIRES, format_expires(wall_now + ttl))])
+    Metadata::from([(EXPIRES, format_expires(wall_now + ttl))])
 }
 
 /// The owner recorded in a lock object, if any.

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use axum::Router;
 use axum::routing::{get, post};
 use bytes::Bytes;
-use dimutex::backend::{Backend, BackendFuture, GcsBackend, MemoryBackend};
+use dimutex::backend::{Backend, GcsBackend, MemoryBackend};
 use dimutex::layer::{FromHeader, FromPathParam, LockLayer, Rejection};
 use dimutex::testing::{FakeGcs, Fault};
 use dimutex::{Client, HeldLock};
@@ -135,99 +135,8 @@ async fn t10_uncontended_request_costs_two_and_held_here_costs_zero() {
     );
 }
 
-/// A backend that claims to answer at once and does not: its create lands at once, and then
-/// its caller waits for the reply. The layer's in-place acquisition gives up on that first
-/// poll; it must neither leave the landed lock object behind nor answer 409 for it.
-#[derive(Debug, Clone)]
-struct LateCreates(MemoryBackend);
-
-type Written<'a> = BackendFuture<
-    'a,
-    Result<dimutex::backend::Reply<dimutex::backend::ObjectState>, dimutex::backend::BackendError>,
->;
-
-impl Backend for LateCreates {
-    fn create<'a>(
-        &'a self,
-        name: &'a str,
-        metadata: &'a dimutex::backend::Metadata,
-    ) -> Written<'a> {
-        // The memory backend writes when called, before its future is polled.
-        let landed = self.0.create(name, metadata);
-        BackendFuture::new(async move {
-            tokio::task::yield_now().await;
-            landed.await
-        })
-    }
-
-    fn inspect<'a>(
-        &'a self,
-        name: &'a str,
-    ) -> BackendFuture<
-        'a,
-        Result<
-            dimutex::backend::Reply<Option<dimutex::backend::ObjectState>>,
-            dimutex::backend::BackendError,
-        >,
-    > {
-        self.0.inspect(name)
-    }
-
-    fn takeover<'a>(
-        &'a self,
-        name: &'a str,
-        expected: dimutex::backend::Version,
-        metadata: &'a dimutex::backend::Metadata,
-    ) -> Written<'a> {
-        self.0.takeover(name, expected, metadata)
-    }
-
-    fn refresh<'a>(
-        &'a self,
-        name: &'a str,
-        expected: dimutex::backend::Version,
-        metadata: &'a dimutex::backend::Metadata,
-    ) -> Written<'a> {
-        self.0.refresh(name, expected, metadata)
-    }
-
-    fn release<'a>(
-        &'a self,
-        name: &'a str,
-        expected: dimutex::backend::Version,
-    ) -> BackendFuture<'a, Result<dimutex::backend::Reply<()>, dimutex::backend::BackendError>>
-    {
-        self.0.release(name, expected)
-    }
-
-    fn answers_at_once(&self) -> bool {
-        true
-    }
-}
-
 #[tokio::test]
-async fn a_create_that_lands_but_answers_late_is_adopted_not_left_behind() {
-    let backend = MemoryBackend::new();
-    let client = Client::new(LateCreates(backend.clone()));
-    let service = ServiceBuilder::new()
-        .layer(LockLayer::new(client.clone(), FromHeader::new("x-key")))
-        .service_fn(ok_handler);
-    let response = service.oneshot(request(Some(b"job-late"))).await.unwrap();
-    assert_eq!(response.status(), StatusCode::OK);
-    assert_eq!(backend.object_count(), 1, "held while the body is out");
-    let body = response.into_body().collect().await.unwrap().to_bytes();
-    assert!(body.starts_with(b"locked "), "{body:?}");
-    wait_until_empty(&backend, Duration::from_secs(1)).await;
-    assert_eq!(
-        backend.request_count(),
-        4,
-        "the create left half-way, its repeat (412), the inspect that finds our own owner, the delete"
-    );
-    assert_eq!(client.active_leases(), 0);
-}
-
-#[tokio::test]
-async fn an_in_place_create_refused_by_the_throttle_waits_out_the_window_once() {
+async fn a_create_refused_by_the_throttle_waits_out_the_window_once() {
     use dimutex::backend::Metadata;
     let backend = MemoryBackend::new();
     backend.set_throttle(true);

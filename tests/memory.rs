@@ -207,10 +207,15 @@ async fn a_stalled_runtime_sees_its_lease_lost_when_it_resumes() {
         .expect("the lost signal fires at once after the stall");
     eprintln!("lost signalled {:?} after resuming", resumed.elapsed());
     assert!(!guard.is_healthy());
+    // No refresh for a lease past its deadline: only its conditional delete, which frees the
+    // lock nobody took meanwhile.
+    while backend.object_count() > 0 {
+        tokio::task::yield_now().await;
+    }
     assert_eq!(
         backend.request_count(),
-        requests_before,
-        "no refresh is sent for a lease past its deadline"
+        requests_before + 1,
+        "the delete alone"
     );
 }
 
@@ -222,9 +227,9 @@ fn runtime() -> tokio::runtime::Runtime {
         .unwrap()
 }
 
-/// A client outlives the runtime its lease driver ran on: the next runtime's first
-/// acquisition starts another driver, which refreshes its own lease and also the one the
-/// stopped runtime's driver never took.
+/// A client outlives the runtime its lease driver ran on: the lease the stopped driver never
+/// took is signalled lost (never silently unrefreshed), and the next runtime's first
+/// acquisition starts another driver, which refreshes its own lease.
 #[test]
 fn a_client_outliving_its_runtime_starts_a_new_driver() {
     use std::time::Duration;
@@ -242,13 +247,17 @@ fn a_client_outliving_its_runtime_starts_a_new_driver() {
         // Past the local deadline (ttl - a tenth): only refreshes keep them healthy.
         tokio::time::sleep(Duration::from_millis(2500)).await;
         assert!(late.is_healthy(), "the new driver refreshes its lease");
-        assert!(
-            early.is_healthy(),
-            "and the one left waiting for the old driver"
-        );
+        assert!(!early.is_healthy(), "the stopped driver's lease is lost");
+        tokio::time::timeout(Duration::from_millis(10), early.lost())
+            .await
+            .expect("and says so");
         assert!(late.release().await.unwrap());
-        assert!(early.release().await.unwrap());
-        assert_eq!(backend.object_count(), 0);
+        assert!(early.release().await.is_err(), "nobody kept it");
+        assert_eq!(
+            backend.object_count(),
+            1,
+            "the lost lease's object is left to expire"
+        );
         client.shutdown(Duration::from_secs(5)).await.unwrap();
     });
 }
@@ -535,18 +544,24 @@ async fn a_landed_delete_is_recognised_until_the_earliest_possible_takeover() {
     assert_eq!(backend.object_count(), 0);
 }
 
-/// Dropping a guard on a runtime sends its delete right away: on an in-process backend the
-/// lock is free, and no longer counted, the moment `drop` returns (no task had to run).
+/// Dropping a guard asks the lease driver for the release: its lost signal fires, and the
+/// lock is deleted, without the dropping task doing any of it.
 #[tokio::test(flavor = "current_thread")]
-async fn a_dropped_guard_is_released_before_drop_returns() {
+async fn a_dropped_guard_is_released_by_the_driver() {
     let backend = MemoryBackend::new();
     let client = dimutex::Client::new(backend.clone());
     let guard = client.try_acquire("dropped").await.unwrap();
     let held = guard.held_lock();
     drop(guard);
-    assert_eq!(backend.object_count(), 0);
-    assert_eq!(client.active_leases(), 0);
+    assert_eq!(backend.object_count(), 1, "drop itself sends nothing");
+    tokio::time::timeout(std::time::Duration::from_secs(1), held.lost())
+        .await
+        .expect("the lost signal fires once the driver runs");
     assert!(!held.is_healthy());
+    while client.active_leases() > 0 {
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(backend.object_count(), 0);
     // And `release()` stops counting the lease when it returns, too.
     let guard = client.try_acquire("released").await.unwrap();
     assert!(guard.release().await.unwrap());
@@ -731,4 +746,43 @@ async fn a_remote_waiter_creates_within_a_poll_cap_of_its_last_held_read() {
             create.saturating_duration_since(last_held)
         );
     }
+}
+
+/// A waiter that takes over a dead holder's lock holds a whole lease, timed from its
+/// takeover: not from its first create, sent while the other held it (timed from that, the
+/// lease was over the moment it was taken).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_taken_over_after_waiting_is_timed_from_the_takeover() {
+    use std::time::{Duration, Instant};
+    let ttl = Duration::from_secs(2);
+    let backend = MemoryBackend::new();
+    let client = || {
+        dimutex::Client::builder(backend.clone())
+            .ttl(ttl)
+            .build()
+            .unwrap()
+    };
+    let dead = client();
+    // A holder whose runtime stops: its lock stays until it expires.
+    tokio::task::spawn_blocking(move || {
+        let guard = runtime().block_on(dead.try_acquire("k")).unwrap();
+        std::mem::forget(guard);
+    })
+    .await
+    .unwrap();
+    let waiter = client();
+    let started = Instant::now();
+    let guard = waiter
+        .acquire("k", Instant::now() + Duration::from_secs(10))
+        .await
+        .unwrap();
+    let waited = started.elapsed();
+    assert!(waited >= ttl, "taken over only after the ttl: {waited:?}");
+    let left = guard.expires_at().saturating_duration_since(Instant::now());
+    assert!(
+        left > ttl.mul_f64(0.8),
+        "a whole lease: {left:?} left of {ttl:?}"
+    );
+    assert!(guard.is_healthy());
+    assert!(guard.release().await.unwrap());
 }

@@ -4,7 +4,7 @@
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
-use std::task::{Context, Poll, Waker};
+use std::task::{Context, Poll};
 
 /// What [`Backend`](super::Backend) methods returned before [`BackendFuture`]: a boxed,
 /// sendable future. A `BoxFuture` converts into a `BackendFuture` as it is (`.into()`).
@@ -46,12 +46,6 @@ impl<'a, T> BackendFuture<'a, T> {
         Self {
             kind: Kind::Boxed(Box::pin(future)),
         }
-    }
-
-    /// Its answer if it has one on a first poll (by a waker that wakes nothing); otherwise the
-    /// request is dropped where it stands.
-    pub(crate) fn answer_now(mut self) -> Poll<T> {
-        Pin::new(&mut self).poll(&mut Context::from_waker(Waker::noop()))
     }
 }
 

@@ -225,9 +225,4 @@ impl Backend for MemoryBackend {
             .map_err(|e| self.error(e));
         BackendFuture::ready(out)
     }
-
-    /// Every request is done before its future is first polled.
-    fn answers_at_once(&self) -> bool {
-        true
-    }
 }

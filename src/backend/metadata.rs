@@ -171,15 +171,6 @@ impl Metadata {
         }
     }
 
-    /// Metadata of `pairs`, given in strictly increasing key order: one allocation.
-    pub(crate) fn from_sorted<const N: usize>(pairs: [(&'static str, Value); N]) -> Self {
-        debug_assert!(pairs.windows(2).all(|w| w[0].0 < w[1].0));
-        let entries = pairs.map(|(k, v)| (Cow::Borrowed(k), v));
-        Self {
-            entries: (N > 0).then(|| Arc::from(entries)),
-        }
-    }
-
     /// Metadata from entries in any order; of equal keys the last wins.
     fn from_vec(mut entries: Vec<Entry>) -> Self {
         // Stable: equal keys keep their order, so the last one given is the last of its run.

@@ -272,23 +272,6 @@ pub trait Backend: Send + Sync + fmt::Debug + 'static {
         name: &'a str,
         expected: Version,
     ) -> BackendFuture<'a, Result<Reply<()>, BackendError>>;
-
-    /// Whether every request's future is ready on its first poll, without touching the
-    /// runtime's timers or I/O (an in-process backend, answering with
-    /// [`BackendFuture::ready`]). A dropped guard of such a backend is
-    /// released right in `drop`, and `LockLayer` takes a fail-fast lock within its `call`;
-    /// otherwise the client's lease driver sends the delete, and the layer's response future
-    /// the create. The default is `false`, which is always safe; a backend that claims `true`
-    /// and then makes a request wait costs that request again (the same create or delete,
-    /// sent once more by the same owner, and found landed if it did).
-    ///
-    /// ```
-    /// use dimutex::backend::{Backend, MemoryBackend};
-    /// assert!(MemoryBackend::new().answers_at_once());
-    /// ```
-    fn answers_at_once(&self) -> bool {
-        false
-    }
 }
 
 impl<B: Backend + ?Sized> Backend for std::sync::Arc<B> {
@@ -331,9 +314,5 @@ impl<B: Backend + ?Sized> Backend for std::sync::Arc<B> {
         expected: Version,
     ) -> BackendFuture<'a, Result<Reply<()>, BackendError>> {
         (**self).release(name, expected)
-    }
-
-    fn answers_at_once(&self) -> bool {
-        (**self).answers_at_once()
     }
 }

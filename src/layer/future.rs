@@ -12,14 +12,13 @@ use pin_project_lite::pin_project;
 use tower_service::Service;
 
 use super::body::LockBody;
-use super::layer::Settings;
 use super::rejection::{OnRejection, Rejection};
-use crate::client::InPlace;
+use super::settings::Settings;
 use crate::error::Error;
 use crate::guard::LockGuard;
 
 /// An acquisition the layer awaits.
-type Acquire = Pin<Box<dyn Future<Output = Result<LockGuard, Error>> + Send>>;
+pub(crate) type Acquire = Pin<Box<dyn Future<Output = Result<LockGuard, Error>> + Send>>;
 
 /// What the debug line of a request's acquisition names: the key's id, and when it began
 /// (read only when that line is on).
@@ -166,7 +165,7 @@ where
     /// moves into the future, to be called once the acquisition's future is over, and a clone
     /// takes its place.
     pub(crate) fn new(
-        acquisition: InPlace,
+        acquire: Acquire,
         request: Request<ReqBody>,
         inner: &mut S,
         on_rejection: R,
@@ -176,21 +175,18 @@ where
     where
         S: Clone,
     {
-        let state = match acquisition {
-            InPlace::Done(result) => after(request, inner, &on_rejection, settings, log, result),
-            InPlace::Rest(acquire) => {
-                let clone = inner.clone();
-                State::Acquiring {
-                    acquire,
-                    pending: Some(Pending {
-                        request,
-                        inner: std::mem::replace(inner, clone),
-                        on_rejection,
-                        settings,
-                        log,
-                    }),
-                }
-            }
+        // The instance polled ready serves this request once the lock is taken; the service
+        // keeps a clone for the next one.
+        let clone = inner.clone();
+        let state = State::Acquiring {
+            acquire,
+            pending: Some(Pending {
+                request,
+                inner: std::mem::replace(inner, clone),
+                on_rejection,
+                settings,
+                log,
+            }),
         };
         Self { state }
     }

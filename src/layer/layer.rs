@@ -6,6 +6,7 @@ use tower_layer::Layer;
 
 use super::rejection::{OnRejection, ProblemJson};
 use super::service::LockService;
+use super::settings::Settings;
 use crate::client::Client;
 
 /// Runs each request under a lock named by a [`KeyExtractor`](super::KeyExtractor); see the
@@ -23,18 +24,10 @@ use crate::client::Client;
 #[derive(Debug, Clone)]
 #[must_use]
 pub struct LockLayer<K, R = ProblemJson> {
-    pub(crate) client: Client,
-    pub(crate) extractor: K,
-    pub(crate) on_rejection: R,
-    pub(crate) settings: Settings,
-}
-
-#[derive(Debug, Clone, Copy, Default)]
-pub(crate) struct Settings {
-    /// `None`: fail fast with 409; `Some(d)`: wait up to `d` for the lock.
-    pub(crate) wait: Option<Duration>,
-    pub(crate) release_on_response: bool,
-    pub(crate) fail_open: bool,
+    client: Client,
+    extractor: K,
+    on_rejection: R,
+    settings: Settings,
 }
 
 impl<K> LockLayer<K> {
@@ -94,6 +87,12 @@ impl<S, K: Clone, R: Clone> Layer<S> for LockLayer<K, R> {
     type Service = LockService<S, K, R>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        LockService::new(inner, self.clone())
+        LockService::new(
+            inner,
+            self.client.clone(),
+            self.extractor.clone(),
+            self.on_rejection.clone(),
+            self.settings,
+        )
     }
 }

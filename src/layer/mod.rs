@@ -43,6 +43,7 @@ mod key;
 mod layer;
 mod rejection;
 mod service;
+mod settings;
 
 pub use body::LockBody;
 pub use future::ResponseFuture;

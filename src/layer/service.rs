@@ -6,15 +6,16 @@ use std::time::Instant;
 use http::{Request, Response};
 use tower_service::Service;
 
-use crate::client::{Contention, InPlace};
+use crate::client::Client;
+use crate::protocol::acquire::Mode;
 
 use super::body::LockBody;
-use super::future::{AcquireLog, ResponseFuture};
+use super::future::{Acquire, AcquireLog, ResponseFuture};
 use super::key::KeyExtractor;
-use super::layer::LockLayer;
 use super::rejection::{OnRejection, Rejection};
+use super::settings::Settings;
 
-/// The service made by [`LockLayer`]; see the [module docs](super).
+/// The service made by [`LockLayer`](super::LockLayer); see the [module docs](super).
 ///
 /// The inner service polled ready serves the next request that reaches it: called at once when
 /// the lock is taken in place, moved into the response future (a clone taking its place) when
@@ -33,12 +34,27 @@ use super::rejection::{OnRejection, Rejection};
 #[derive(Debug, Clone)]
 pub struct LockService<S, K, R> {
     inner: S,
-    layer: LockLayer<K, R>,
+    client: Client,
+    extractor: K,
+    on_rejection: R,
+    settings: Settings,
 }
 
 impl<S, K, R> LockService<S, K, R> {
-    pub(crate) fn new(inner: S, layer: LockLayer<K, R>) -> Self {
-        Self { inner, layer }
+    pub(crate) fn new(
+        inner: S,
+        client: Client,
+        extractor: K,
+        on_rejection: R,
+        settings: Settings,
+    ) -> Self {
+        Self {
+            inner,
+            client,
+            extractor,
+            on_rejection,
+            settings,
+        }
     }
 
     /// The inner service.
@@ -77,7 +93,7 @@ where
         // The instance polled ready serves this request: called here when no acquisition has
         // to be awaited first (no clone of it, then), else moved into the response future.
         let (parts, body) = request.into_parts();
-        let key = match self.layer.extractor.extract(&parts) {
+        let key = match self.extractor.extract(&parts) {
             Ok(Some(key)) => key,
             Ok(None) => {
                 return ResponseFuture::call(
@@ -89,11 +105,11 @@ where
             Err(rejection) => {
                 tracing::debug!(target: "dimutex::layer", reason = %rejection, "bad lock key: 400");
                 let rejection = Rejection::BadKey(rejection);
-                return ResponseFuture::reject(self.layer.on_rejection.response(&rejection));
+                return ResponseFuture::reject(self.on_rejection.response(&rejection));
             }
         };
-        let wait = self.layer.settings.wait;
-        let client = &self.layer.client;
+        let wait = self.settings.wait;
+        let client = &self.client;
         let name = client.name_of(&key);
         if let (None, Ok(name)) = (wait, &name) {
             // Held by another request of this process: answered here, without a request and
@@ -103,7 +119,7 @@ where
                 let rejection = Rejection::Held {
                     remaining: Some(remaining),
                 };
-                return ResponseFuture::reject(self.layer.on_rejection.response(&rejection));
+                return ResponseFuture::reject(self.on_rejection.response(&rejection));
             }
         }
         // The clock is read for the debug line only.
@@ -114,21 +130,16 @@ where
             started,
         };
         let request = Request::from_parts(parts, body);
-        let on_rejection = self.layer.on_rejection.clone();
-        let settings = self.layer.settings;
-        let acquisition = match (wait, name) {
-            (_, Err(e)) => InPlace::Done(Err(e.into())),
-            (None, Ok(name)) => client.acquire_in_place(key, name),
-            (Some(wait), Ok(name)) => InPlace::Rest({
-                let client = client.clone();
-                Box::pin(async move {
-                    let deadline = Instant::now() + wait;
-                    client
-                        .acquire_named(key, name, Contention::WaitUntil(deadline))
-                        .await
-                })
-            }),
-        };
+        let on_rejection = self.on_rejection.clone();
+        let settings = self.settings;
+        let client = client.clone();
+        let acquisition: Acquire = Box::pin(async move {
+            let mode = match wait {
+                None => Mode::Try,
+                Some(wait) => Mode::WaitUntil(Instant::now() + wait),
+            };
+            client.acquire_named(key, name?, mode).await
+        });
         ResponseFuture::new(
             acquisition,
             request,
