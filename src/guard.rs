@@ -361,6 +361,36 @@ impl LockGuard {
         self.held.is_healthy()
     }
 
+    /// The earliest moment, by this process's monotonic clock, at which another owner could
+    /// take the lock over if no further refresh succeeds: the send time of the last successful
+    /// write plus the ttl.
+    ///
+    /// It moves on with every successful refresh. A process that must stop working on the
+    /// protected resource before anyone else may start (`dimutex run` kills its command by
+    /// then) has until this moment, whatever [`lost`](Self::lost) says.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), dimutex::Error> {
+    /// use std::time::{Duration, Instant};
+    /// let client = dimutex::Client::builder(dimutex::backend::MemoryBackend::new())
+    ///     .ttl(Duration::from_secs(10))
+    ///     .build()
+    ///     .unwrap();
+    /// let before = Instant::now();
+    /// let guard = client.try_acquire("k").await?;
+    /// assert!(guard.expires_at() >= before + Duration::from_secs(10));
+    /// assert!(guard.expires_at() <= Instant::now() + Duration::from_secs(10));
+    /// # Ok(()) }
+    /// ```
+    pub fn expires_at(&self) -> std::time::Instant {
+        // The local deadline is `sent + ttl − margin`; the client is here until the release.
+        let margin = self
+            .client
+            .as_ref()
+            .map_or(Duration::ZERO, |c| c.config.margin());
+        self.held.shared.deadline() + margin
+    }
+
     /// A [`HeldLock`]: a cheap view of this lock (key, token, lost signal) to hand to code
     /// that does not own the guard.
     ///
