@@ -1045,6 +1045,18 @@ async fn lost_lease_command_dies_before_a_takeover(ttl: u64, test: &str) {
          (holder stderr:\n{stderr})",
         ms(last_alive - taken)
     );
+    // Whenever the contender polls: the create was sent before the cut, so nobody may take
+    // over before cut + ttl (the server's rule adds 1 s more), and the command is dead by then.
+    assert!(
+        last_alive < cut + i128::from(ttl) * 1_000_000_000,
+        "the holder's command was alive {:.0} ms after the cut, past the ttl \
+         (holder stderr:\n{stderr})",
+        ms(last_alive - cut)
+    );
+    assert!(
+        stderr.contains("before another owner can take the lock over"),
+        "the kill came before --grace ran out: {stderr}"
+    );
     assert!(!is_alive(child_pid), "the holder's command was killed");
     assert_code(&holder_out, 74, "the holder that lost its lease");
     assert!(
