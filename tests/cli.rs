@@ -1,8 +1,11 @@
 //! The `dimutex` command, spawned as a real process against the in-repo fake GCS server (and
 //! fake-gcs-server for mutual exclusion): exit codes, mutual exclusion across processes,
-//! takeover of a killed (T4) or stopped (T5) holder, signal forwarding, `status` and
-//! `release --force`.
+//! takeover of a killed (T4) or stopped (T5) holder, a lost lease's command killed before
+//! anyone may take over (hole 5), signal forwarding, an interrupted or slow acquisition that
+//! leaves no lock behind, `status` and `release --force`.
 
+#[path = "support/proxy.rs"]
+mod proxy;
 mod support;
 
 use std::path::{Path, PathBuf};
@@ -11,7 +14,8 @@ use std::time::{Duration, Instant, SystemTime};
 
 use dimutex::Client;
 use dimutex::backend::GcsBackend;
-use dimutex::testing::FakeGcs;
+use dimutex::testing::{FakeGcs, Fault, FaultRule};
+use proxy::Proxy;
 use support::emulator::FakeGcsServer;
 use tokio::process::{Child, Command};
 
@@ -939,4 +943,238 @@ async fn lost_lease_escalates_to_sigkill_after_the_grace_period() {
         took >= Duration::from_secs(1) && took < Duration::from_secs(6),
         "exited {took:?} after the lock was broken"
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Hole 5: after a lost lease, the command is dead before another owner can take over.
+
+/// Nanoseconds since the Unix epoch, as `date +%s%N` prints them.
+fn wall_ns(t: SystemTime) -> i128 {
+    t.duration_since(SystemTime::UNIX_EPOCH).unwrap().as_nanos() as i128
+}
+
+/// The last line of a file of `date +%s%N` lines.
+fn last_ns(path: &Path) -> i128 {
+    let text = std::fs::read_to_string(path).unwrap();
+    let line = text
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .expect("at least one timestamp");
+    line.trim()
+        .parse()
+        .unwrap_or_else(|e| panic!("{line:?} in {}: {e}", path.display()))
+}
+
+/// A holder whose backend stops answering right after its create (a proxy in front of the
+/// fake refuses every connection from then on; the contender talks to the fake directly),
+/// with a command that ignores SIGTERM and writes a heartbeat every 50 ms, and the default
+/// `--grace 10`. A contender waiting on the same key records when it got the lock. The
+/// holder's last heartbeat must come before the contender's command starts, and the holder
+/// exits 74.
+async fn lost_lease_command_dies_before_a_takeover(ttl: u64, test: &str) {
+    let _heavy = HEAVY.lock().await;
+    let fake = FakeGcs::start().await.unwrap();
+    let proxy = Proxy::start(fake.addr()).await.unwrap();
+    let env = Env::fake(&fake, test);
+    let via_proxy = Env::new(&proxy.endpoint(), FakeGcs::DEFAULT_BUCKET, test);
+    let ttl_arg = ttl.to_string();
+    let heartbeat = env.path("heartbeat");
+    let pid_file = env.path("pid");
+    let script = format!(
+        "trap '' TERM; echo $$ > '{}'; while :; do date +%s%N >> '{}'; sleep 0.05; done",
+        pid_file.display(),
+        heartbeat.display()
+    );
+    let holder = via_proxy
+        .cmd(
+            "run",
+            &["--ttl", &ttl_arg, "hole5", "--", "sh", "-c", &script],
+        )
+        .spawn()
+        .unwrap();
+    wait_for_file(&heartbeat, Duration::from_secs(10)).await;
+    // The create has landed (the command runs): from now on the holder reaches nothing.
+    proxy.pause();
+    let cut = SystemTime::now();
+    let cut_at = Instant::now();
+    wait_for_file(&pid_file, Duration::from_secs(5)).await;
+    let child_pid: u32 = read_trimmed(&pid_file).parse().unwrap();
+    let _reap = Reap(vec![child_pid]);
+
+    let got = env.path("got");
+    let contender_script = format!("date +%s%N > '{}'", got.display());
+    let contender = env
+        .cmd(
+            "run",
+            &[
+                "--ttl",
+                &ttl_arg,
+                "--wait",
+                "30",
+                "hole5",
+                "--",
+                "sh",
+                "-c",
+                &contender_script,
+            ],
+        )
+        .spawn()
+        .unwrap();
+
+    let (holder_out, contender_out) = tokio::join!(finish(holder), finish(contender));
+    let holder_exit = cut_at.elapsed();
+    let stderr = text(&holder_out.stderr);
+    assert_code(&contender_out, 0, "the contender");
+    let last_alive = last_ns(&heartbeat);
+    let taken = last_ns(&got);
+    let cut = wall_ns(cut);
+    let ms = |ns: i128| ns as f64 / 1e6;
+    eprintln!(
+        "hole 5 (ttl {ttl} s, --grace 10): after the cut, the holder's command last alive at \
+         {:.0} ms, the contender's command started at {:.0} ms (overlap {:.0} ms); the holder \
+         exited {:?} after {holder_exit:.1?}",
+        ms(last_alive - cut),
+        ms(taken - cut),
+        ms((last_alive - taken).max(0)),
+        holder_out.status.code(),
+    );
+    assert!(
+        last_alive < taken,
+        "the holder's command was alive {:.0} ms after the contender's command started \
+         (holder stderr:\n{stderr})",
+        ms(last_alive - taken)
+    );
+    // Whenever the contender polls: the create was sent before the cut, so nobody may take
+    // over before cut + ttl (the server's rule adds 1 s more), and the command is dead by then.
+    assert!(
+        last_alive < cut + i128::from(ttl) * 1_000_000_000,
+        "the holder's command was alive {:.0} ms after the cut, past the ttl \
+         (holder stderr:\n{stderr})",
+        ms(last_alive - cut)
+    );
+    assert!(
+        stderr.contains("before another owner can take the lock over"),
+        "the kill came before --grace ran out: {stderr}"
+    );
+    assert!(!is_alive(child_pid), "the holder's command was killed");
+    assert_code(&holder_out, 74, "the holder that lost its lease");
+    assert!(
+        stderr.contains("lost the lease on lock \"hole5\""),
+        "{stderr}"
+    );
+}
+
+/// ttl 3: the lease's own margin (0.3 s) is shorter than the command's safety (0.5 s), so the
+/// command is killed before the lease driver even calls the lease lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_lease_command_is_killed_before_a_takeover_ttl_3() {
+    lost_lease_command_dies_before_a_takeover(3, "hole5-3").await;
+}
+
+/// ttl 6: the lease is called lost 0.6 s before it may be taken over; the command gets 0.1 s
+/// of its 10 s grace.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_lease_command_is_killed_before_a_takeover_ttl_6() {
+    lost_lease_command_dies_before_a_takeover(6, "hole5-6").await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// An acquisition in flight is cleaned up.
+
+/// Waits up to `within` for the bucket to hold `n` objects; the count at the end.
+async fn wait_for_objects(fake: &FakeGcs, n: usize, within: Duration) -> usize {
+    let deadline = Instant::now() + within;
+    loop {
+        let count = fake.object_count(FakeGcs::DEFAULT_BUCKET);
+        if count == n || Instant::now() >= deadline {
+            return count;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// SIGINT while the create is in flight (it has landed; its reply comes 3 s late): dimutex
+/// exits 130 without running the command and leaves no lock object behind. Needs the client
+/// to clean up a dropped acquisition (`Client::shutdown` waits for that).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigint_during_the_create_leaves_no_lock() {
+    let fake = FakeGcs::start().await.unwrap();
+    let env = Env::fake(&fake, "int-create");
+    fake.inject(
+        FaultRule::new(Fault::CommitThenDelay(Duration::from_secs(3)))
+            .with_method(http::Method::POST)
+            .with_object("dimutex/int-create"),
+    );
+    let marker = env.path("ran");
+    let waiter = env
+        .cmd(
+            "run",
+            &[
+                "--wait",
+                "30",
+                "int-create",
+                "--",
+                "touch",
+                marker.to_str().unwrap(),
+            ],
+        )
+        .spawn()
+        .unwrap();
+    // The create landed (committed before its delayed reply): it is in flight now.
+    assert_eq!(
+        wait_for_objects(&fake, 1, Duration::from_secs(10)).await,
+        1,
+        "the create landed"
+    );
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(fake.pending_faults(), 0, "the slow reply is the create's");
+    signal(waiter.id().unwrap(), libc::SIGINT);
+    let signalled = Instant::now();
+    let out = finish(waiter).await;
+    let exited = signalled.elapsed();
+    assert_code(&out, 130, "interrupted during the create");
+    assert!(!marker.exists(), "the command never ran");
+    let left = wait_for_objects(&fake, 0, Duration::from_secs(3)).await;
+    eprintln!(
+        "SIGINT during a create with a 3 s late reply: exited {exited:.2?} after the signal, \
+         {left} lock object(s) left 3 s later"
+    );
+    assert_eq!(left, 0, "no lock left behind");
+}
+
+/// The create lands but its reply comes 12 s late (past the 5 s request timeout): the
+/// acquisition is ours all the same, the command runs, and the lock is released.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_create_answered_past_the_timeout_still_runs_the_command() {
+    let fake = FakeGcs::start().await.unwrap();
+    let env = Env::fake(&fake, "slow-create");
+    fake.inject(
+        FaultRule::new(Fault::CommitThenDelay(Duration::from_secs(12)))
+            .with_method(http::Method::POST)
+            .with_object("dimutex/slow-create"),
+    );
+    let marker = env.path("ran");
+    let started = Instant::now();
+    let out = output(env.cmd(
+        "run",
+        &[
+            "--wait",
+            "60",
+            "slow-create",
+            "--",
+            "touch",
+            marker.to_str().unwrap(),
+        ],
+    ))
+    .await;
+    let took = started.elapsed();
+    let left = wait_for_objects(&fake, 0, Duration::from_secs(3)).await;
+    eprintln!(
+        "a create answered 12 s late: exit {:?} after {took:.1?}, {left} lock object(s) left",
+        out.status.code()
+    );
+    assert_code(&out, 0, "run with a create answered 12 s late");
+    assert!(marker.exists(), "the command ran");
+    assert_eq!(left, 0, "no lock left behind");
 }

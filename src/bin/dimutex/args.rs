@@ -10,7 +10,8 @@ Exit status:
   run      the command's own exit status (128+N when it died by signal N);
            75 the lock is held by another owner (after --wait, if given);
            74 the lease was lost while the command ran (it was sent SIGTERM,
-              then SIGKILL after --grace seconds);
+              then SIGKILL after --grace seconds, or sooner: at the latest 0.5 s
+              before another owner could take the lock over);
            69 the storage backend is unavailable or refused the request, or the
               configuration (credentials, STORAGE_EMULATOR_HOST) is unusable;
            64 bad arguments or an invalid lock key;
@@ -62,8 +63,12 @@ pub enum Command {
     /// token) in its environment. The lease is refreshed every ttl/3 while CMD runs. If it is
     /// lost anyway (another owner took the lock over after a pause, the backend was unreachable
     /// until the lease ran out, or someone force-released it), CMD is sent SIGTERM, then
-    /// SIGKILL after --grace seconds, and dimutex exits 74. SIGINT, SIGTERM and SIGHUP sent to
-    /// dimutex are forwarded to CMD; the lock is released once CMD has exited.
+    /// SIGKILL after --grace seconds or sooner: CMD is killed at the latest 0.5 s before
+    /// another owner could take the lock over (ttl after the send time of its last successful
+    /// write), whatever --grace says. dimutex then exits 74. SIGINT, SIGTERM and SIGHUP sent
+    /// to dimutex are forwarded to CMD; the lock is released once CMD has exited. Interrupted
+    /// while acquiring, dimutex exits 128+N after cleaning up the acquisition in flight (for
+    /// at most 5 s; a second signal stops waiting).
     #[command(after_help = EXIT_CODES)]
     Run(RunArgs),
     /// Show whether KEY is held, by whom, since and until when, and its fencing token.
@@ -112,7 +117,11 @@ pub struct RunArgs {
     #[arg(long, value_name = "SECS", value_parser = parse_secs)]
     pub wait: Option<Duration>,
 
-    /// After a lost lease, how long CMD gets between SIGTERM and SIGKILL.
+    /// After a lost lease, how long CMD gets between SIGTERM and SIGKILL, at most. SIGKILL
+    /// comes sooner if the lease could otherwise be taken over while CMD lives: 0.5 s before
+    /// that moment. When the lease ran out unrefreshed (the backend unreachable), it is called
+    /// lost ttl/10 before that moment, so CMD gets at most ttl/10 - 0.5 s (2.5 s with the
+    /// default ttl; none below a ttl of 5 s): raise --ttl for a longer grace.
     #[arg(long, default_value = "10", value_name = "SECS", value_parser = parse_secs)]
     pub grace: Duration,
 

@@ -15,6 +15,10 @@ use crate::exit::{self, Failure};
 const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long the status read that explains a lost lease may take.
 const EXPLAIN_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long before the lease could be taken over ([`LockGuard::expires_at`]) the command is
+/// killed at the latest, whatever `--grace` says: time for SIGKILL to take effect and for
+/// our timer to be late.
+const TAKEOVER_SAFETY: Duration = Duration::from_millis(500);
 
 pub async fn run(args: RunArgs) -> Result<u8, Failure> {
     let (client, key) = crate::connect(&args.target, Some(args.ttl)).await?;
@@ -28,11 +32,23 @@ pub async fn run(args: RunArgs) -> Result<u8, Failure> {
             Some(wait) => client.acquire(key.clone(), Instant::now() + wait).await,
         }
     };
-    let guard = tokio::select! {
-        acquired = acquire => acquired.map_err(|e| Failure::from_lock_error(key.as_str(), e))?,
+    // `select!` owns the acquisition and drops it before a branch runs: an interrupted one is
+    // abandoned before the shutdown below waits for its cleanup.
+    let acquired = tokio::select! {
+        acquired = acquire => acquired,
         sig = signals.recv() => {
             tracing::debug!(signal = sig, "interrupted while acquiring");
+            shut_down(&client, &mut signals).await;
             return Ok(signal_exit_code(sig));
+        }
+    };
+    let guard = match acquired {
+        Ok(guard) => guard,
+        Err(e) => {
+            // An acquisition that failed after a create of unknown outcome may have left a
+            // lock object that the client cleans up in the background: let it.
+            shut_down(&client, &mut signals).await;
+            return Err(Failure::from_lock_error(key.as_str(), e));
         }
     };
     tracing::debug!(key = key.as_str(), "acquired; starting the command");
@@ -46,7 +62,7 @@ pub async fn run(args: RunArgs) -> Result<u8, Failure> {
     let child = match command.spawn() {
         Ok(child) => child,
         Err(e) => {
-            finish(&client, &key, guard, args.ttl).await;
+            finish(&client, &key, guard, args.ttl, &mut signals).await;
             let code = match e.kind() {
                 io::ErrorKind::NotFound => exit::NOT_FOUND,
                 _ => exit::CANNOT_EXECUTE,
@@ -55,11 +71,26 @@ pub async fn run(args: RunArgs) -> Result<u8, Failure> {
         }
     };
 
-    let code = supervise(child, &client, &key, guard, &args, &mut signals).await?;
-    if let Err(e) = client.shutdown(SHUTDOWN_TIMEOUT).await {
-        eprintln!("dimutex: warning: {e}; the lease will expire by itself");
+    let code = supervise(child, &client, &key, guard, &args, &mut signals).await;
+    shut_down(&client, &mut signals).await;
+    code
+}
+
+/// Shuts the client down: waits (up to [`SHUTDOWN_TIMEOUT`]) for releases and for the cleanup
+/// of abandoned acquisitions. A signal arriving meanwhile cuts the wait short.
+async fn shut_down(client: &Client, signals: &mut Signals) {
+    tokio::select! {
+        done = client.shutdown(SHUTDOWN_TIMEOUT) => {
+            if let Err(e) = done {
+                eprintln!("dimutex: warning: {e}; the lease will expire by itself");
+            }
+        }
+        sig = signals.recv() => {
+            tracing::debug!(signal = sig, "interrupted while shutting down");
+            eprintln!("dimutex: warning: interrupted before the lock was released; the lease \
+                       will expire by itself");
+        }
     }
-    Ok(code)
 }
 
 /// Waits for the child while forwarding signals and watching the lease. Returns the exit code.
@@ -74,21 +105,52 @@ async fn supervise(
     let token = guard.token();
     let mut lost = guard.lost();
     let waited = loop {
+        // Past this, the lease may be taken over soon: if no refresh has moved it on by then,
+        // the lease is as good as lost, whether or not the client has said so yet (it does at
+        // ttl/10 before the takeover, which can be later than this for a short ttl).
+        let cutoff = kill_deadline(&guard);
         tokio::select! {
             status = child.wait() => break Some(status),
             () = &mut lost => break None,
+            () = tokio::time::sleep_until(cutoff.into()) => {
+                if Instant::now() >= kill_deadline(&guard) {
+                    tracing::debug!("no refresh succeeded in time; stopping the command");
+                    break None;
+                }
+            }
             sig = signals.recv() => forward(&child, sig),
         }
     };
     let Some(status) = waited else {
-        // The lease is gone while the command still runs: stop it.
+        // The lease is gone while the command still runs: stop it, and kill it before anyone
+        // else can take the lock over, whatever --grace says.
+        let now = Instant::now();
+        let latest = kill_deadline(&guard);
+        let kill_at = now
+            .checked_add(args.grace)
+            .map_or(latest, |t| t.min(latest));
+        let grace = kill_at.saturating_duration_since(now);
+        let (when, overdue) = if grace >= args.grace {
+            let secs = args.grace.as_secs_f64();
+            (
+                format!("SIGKILL after {secs} s"),
+                format!("did not exit within {secs} s of SIGTERM"),
+            )
+        } else {
+            (
+                format!(
+                    "SIGKILL {}, before another owner can take the lock over",
+                    in_secs(grace)
+                ),
+                "is still running and the lease may soon be taken over".to_owned(),
+            )
+        };
         eprintln!(
             "dimutex: lost the lease on lock {:?} while the command was running; sending it \
-             SIGTERM (SIGKILL after {} s)",
+             SIGTERM ({when})",
             key.as_str(),
-            args.grace.as_secs_f64()
         );
-        let status = terminate(&mut child, args.grace, signals).await;
+        let status = terminate(&mut child, kill_at, &overdue, signals).await;
         tracing::debug!(?status, "the command exited after the lost lease");
         let released = guard.release().await;
         let why = explain(client, key, token, released).await;
@@ -124,20 +186,37 @@ async fn supervise(
     Ok(code)
 }
 
-/// SIGTERM, then SIGKILL after `grace`; keeps forwarding our signals meanwhile.
+/// The latest moment the command may live after a lost lease: [`TAKEOVER_SAFETY`] before the
+/// lease could be taken over.
+fn kill_deadline(guard: &LockGuard) -> Instant {
+    let expires = guard.expires_at();
+    expires.checked_sub(TAKEOVER_SAFETY).unwrap_or(expires)
+}
+
+/// "at once", or "within 2.4 s" (rounded up to a tenth of a second).
+fn in_secs(d: Duration) -> String {
+    if d.is_zero() {
+        return "at once".to_owned();
+    }
+    let tenths = d.as_nanos().div_ceil(100_000_000);
+    format!("within {}.{} s", tenths / 10, tenths % 10)
+}
+
+/// SIGTERM, then SIGKILL at `kill_at` (saying that the command `overdue`); keeps forwarding
+/// our signals meanwhile.
 async fn terminate(
     child: &mut Child,
-    grace: Duration,
+    kill_at: Instant,
+    overdue: &str,
     signals: &mut Signals,
 ) -> io::Result<ExitStatus> {
     forward(child, libc::SIGTERM);
-    let kill_at = tokio::time::Instant::now() + grace;
     let mut killed = false;
     loop {
         tokio::select! {
             status = child.wait() => return status,
-            () = tokio::time::sleep_until(kill_at), if !killed => {
-                eprintln!("dimutex: the command did not exit within {} s of SIGTERM; sending SIGKILL", grace.as_secs_f64());
+            () = tokio::time::sleep_until(kill_at.into()), if !killed => {
+                eprintln!("dimutex: the command {overdue}; sending SIGKILL");
                 killed = true;
                 if let Err(e) = child.start_kill() {
                     tracing::debug!(error = %e, "SIGKILL failed");
@@ -179,7 +258,13 @@ async fn explain(
 }
 
 /// Releases after a failed spawn.
-async fn finish(client: &Client, key: &LockKey, guard: LockGuard, ttl: Duration) {
+async fn finish(
+    client: &Client,
+    key: &LockKey,
+    guard: LockGuard,
+    ttl: Duration,
+    signals: &mut Signals,
+) {
     if let Err(e) = guard.release().await {
         eprintln!(
             "dimutex: warning: could not release lock {:?}: {e}; it expires within {} s",
@@ -187,7 +272,7 @@ async fn finish(client: &Client, key: &LockKey, guard: LockGuard, ttl: Duration)
             exit::ceil_secs(ttl)
         );
     }
-    let _ = client.shutdown(SHUTDOWN_TIMEOUT).await;
+    shut_down(client, signals).await;
 }
 
 /// The exit code that reports a child's exit status: its code, or 128+N for signal N.
@@ -254,5 +339,19 @@ impl Signals {
             Some(()) = self.hup.recv() => libc::SIGHUP,
             else => std::future::pending().await,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kill_delays_are_rounded_up() {
+        assert_eq!(in_secs(Duration::ZERO), "at once");
+        assert_eq!(in_secs(Duration::from_nanos(1)), "within 0.1 s");
+        assert_eq!(in_secs(Duration::from_millis(100)), "within 0.1 s");
+        assert_eq!(in_secs(Duration::from_millis(2_401)), "within 2.5 s");
+        assert_eq!(in_secs(Duration::from_secs(12)), "within 12.0 s");
     }
 }
