@@ -9,7 +9,7 @@
 //!    │                        └── refused: lost ─┐   └── deadline passed ──▶ Expire
 //!    ├── guard asks ──▶ Release ──────────────────┤
 //!    ├── shutdown ───▶ Revoke: lost, then delete ─┤
-//!    └── deadline ───▶ Expire: lost, then delete ─┴──▶ over
+//!    └── deadline ───▶ Expire: lost ─▶ Lost: guard goes or shutdown ─▶ delete ─▶ over
 //! ```
 //!
 //! A lease is marked lost *before* the request that frees it is sent, so that no guard
@@ -144,6 +144,8 @@ enum Step {
     Release(ReleaseReply),
     Revoke,
     Expire,
+    /// Ran out: not refreshed any more, and deleted (conditionally) once its guard goes.
+    Lost,
     Over,
 }
 
@@ -163,6 +165,7 @@ async fn keep(p: Arc<Protocol>, mut kept: Kept, mut shutdown: watch::Receiver<bo
                 next
             }
             Step::Release(reply) => {
+                // A lost lease stays lost: `released` only ends a live one.
                 kept.lease.released();
                 let result = release_step(&p, &mut kept).await;
                 // Finished before the answer: the caller of `release` finds the key free here.
@@ -181,15 +184,22 @@ async fn keep(p: Arc<Protocol>, mut kept: Kept, mut shutdown: watch::Receiver<bo
                 if kept.lease.lose(Cause::DeadlinePassed) {
                     tracing::warn!(target: "dimutex", key_id = crate::key_id(kept.lease.key()), "lease lost: no refresh succeeded before its deadline");
                 }
-                // Still deleted, conditionally: if the object is ours after all (the backend
-                // came back), it is freed now instead of at its expiry, and a refresh of ours
-                // whose outcome we never learned is resolved; if it is another's, the delete
-                // is refused.
-                let _ = release_step(&p, &mut kept).await;
-                Step::Over
+                Step::Lost
             }
+            Step::Lost => lost(&kept, &mut shutdown).await,
             Step::Over => return,
         }
+    }
+}
+
+/// A lease that ran out waits for its guard (or shutdown) before its conditional delete: by
+/// then the backend may answer again, and a refresh of ours whose outcome we never learned is
+/// resolved by it. The lost signal has fired already.
+async fn lost(kept: &Kept, shutdown: &mut watch::Receiver<bool>) -> Step {
+    tokio::select! {
+        biased;
+        () = shut_down(shutdown) => Step::Revoke,
+        reply = kept.lease.release_asked() => Step::Release(reply),
     }
 }
 

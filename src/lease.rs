@@ -44,6 +44,15 @@ enum Release {
     Taken,
 }
 
+impl State {
+    fn cause(&self) -> Option<Cause> {
+        match self.end {
+            End::Lost(cause) => Some(cause),
+            _ => None,
+        }
+    }
+}
+
 struct State {
     /// The send time of our last successful write plus the ttl.
     expires_at: Instant,
@@ -174,15 +183,13 @@ impl Lease {
         was_live
     }
 
-    /// The guard asks for the release; `Err(cause)` if the lease was lost already (then
-    /// nobody will answer `reply`).
+    /// The guard asks for the release. Refused once the driver is done with the lease (then
+    /// nobody will answer `reply`): `Err` with the cause it was lost for, if any.
     pub(crate) fn ask_release(&self, reply: ReleaseReply) -> Result<(), Option<Cause>> {
         {
             let mut state = self.state();
-            match state.end {
-                End::Live => {}
-                End::Released => return Err(None),
-                End::Lost(cause) => return Err(Some(cause)),
+            if state.finished {
+                return Err(state.cause());
             }
             if matches!(state.release, Release::NotAsked) {
                 state.release = Release::Asked(reply);
@@ -209,8 +216,24 @@ impl Lease {
     }
 
     /// The driver is done with the lease: nothing of it is in flight any more.
+    /// A release asked for and not taken up (the lease ended another way first) is answered
+    /// here: `false` for a lease someone else changed or that ran out, "shut down" for one the
+    /// client gave up.
     pub(crate) fn finish(&self) {
-        self.state().finished = true;
+        let unanswered = {
+            let mut state = self.state();
+            state.finished = true;
+            match std::mem::replace(&mut state.release, Release::Taken) {
+                Release::Asked(Some(reply)) => Some((reply, state.cause())),
+                _ => None,
+            }
+        };
+        if let Some((reply, cause)) = unanswered {
+            let _ = reply.send(match cause {
+                Some(Cause::Refused | Cause::DeadlinePassed) => Ok(false),
+                _ => Err(Error::ShutDown),
+            });
+        }
         self.changed.notify();
     }
 

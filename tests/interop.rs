@@ -385,3 +385,27 @@ async fn a_stale_python_release_is_detected_as_lost() {
     assert_eq!(fake.object_count(FakeGcs::DEFAULT_BUCKET), 0);
     py.quit().await;
 }
+
+/// Issue 16, hole 7: a Python `dimutex` process refreshes (an unconditional PATCH) a lock it
+/// does not own, ours. Its write keeps our generation and owner id, but its `expires` is not
+/// one we sent: our next refresh meets a 412, reads the object, and must call the lease lost
+/// instead of taking the foreign write for a landed refresh of ours (before the fix it
+/// PATCHed again, and both believed they held the lock).
+#[tokio::test]
+async fn a_python_refresh_of_our_lock_makes_our_lease_lost() {
+    let ttl = Duration::from_secs(6);
+    let (_fake, client, mut py, prefix) = setup("interop-foreign-refresh", ttl).await;
+    let name = format!("{prefix}k");
+    let guard = client.try_acquire("k").await.expect("free lock");
+    let r = py
+        .call(json!({"op": "refresh", "name": name, "ttl": 6.0}))
+        .await;
+    assert_eq!(r["ok"], true, "python refreshed our lock: {r}");
+    // Our next refresh comes within the refresh interval (ttl/3).
+    tokio::time::timeout(ttl, guard.lost())
+        .await
+        .expect("our lease is lost at our next refresh");
+    assert!(!guard.is_healthy());
+    assert!(!guard.release().await.unwrap(), "not ours to delete");
+    py.quit().await;
+}
