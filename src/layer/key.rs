@@ -197,8 +197,10 @@ impl<T: AsRef<str> + Send + Sync + 'static> KeyExtractor for FromExtension<T> {
 
 /// The key is an axum path parameter (feature `axum`). Add the layer with
 /// `Router::route_layer` so that it runs after routing: it reads axum's
-/// [`MatchedPath`](axum::extract::MatchedPath) (`/jobs/{job_id}/run`) and takes the parameter's
-/// value, percent-decoded, from the request path.
+/// [`MatchedPath`](axum::extract::MatchedPath) (`/jobs/{job_id}/run`; under `Router::nest`, with
+/// the outer routers' prefixes) and takes the parameter's value, percent-decoded, from the
+/// request's [`OriginalUri`](axum::extract::OriginalUri), the whole path the template matched
+/// (a nested router's request URI has its prefix stripped).
 ///
 /// ```
 /// use dimutex::layer::{FromPathParam, KeyExtractor};
@@ -230,7 +232,11 @@ impl KeyExtractor for FromPathParam {
             .extensions
             .get::<axum::extract::MatchedPath>()
             .ok_or_else(missing)?;
-        let raw = path_param(matched.as_str(), parts.uri.path(), &self.name).ok_or_else(missing)?;
+        let path = match parts.extensions.get::<axum::extract::OriginalUri>() {
+            Some(original) => original.path(),
+            None => parts.uri.path(),
+        };
+        let raw = path_param(matched.as_str(), path, &self.name).ok_or_else(missing)?;
         let key = match percent_decode(raw).ok_or(KeyRejection::Invalid(KeyError::InvalidUtf8))? {
             // Nothing decoded: `raw` is the key, and a `str` already.
             std::borrow::Cow::Borrowed(_) => LockKey::new(raw)?,
