@@ -244,19 +244,27 @@ impl Lease {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn lease(sent: Instant) -> Lease {
-        Lease::new(
+impl Lease {
+    /// A lease on `name` whose first write was sent at `sent`: ttl 30 s, margin 3 s.
+    pub(crate) fn for_test(name: &str, sent: Instant) -> Self {
+        Self::new(
             LockKey::new("k").unwrap(),
-            "dimutex/k".into(),
+            name.into(),
             "test#1".into(),
             FencingToken::from_generation(1),
             sent,
             Duration::from_secs(30),
             Duration::from_secs(3),
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lease(sent: Instant) -> Lease {
+        Lease::for_test("dimutex/k", sent)
     }
 
     #[test]

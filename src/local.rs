@@ -106,20 +106,10 @@ impl Drop for QueueTurn<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::key::LockKey;
     use crate::lease::Cause;
-    use crate::token::FencingToken;
 
     fn lease(name: &str, sent: Instant) -> Arc<Lease> {
-        Arc::new(Lease::new(
-            LockKey::new("k").unwrap(),
-            name.into(),
-            "test#1".into(),
-            FencingToken::from_generation(1),
-            sent,
-            Duration::from_secs(30),
-            Duration::from_secs(3),
-        ))
+        Arc::new(Lease::for_test(name, sent))
     }
 
     #[test]

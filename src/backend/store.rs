@@ -179,7 +179,6 @@ impl Store {
     }
 
     /// Creates or overwrites an object (a new generation, metageneration 1).
-    #[allow(clippy::too_many_arguments)]
     pub fn insert(
         &self,
         name: &str,
