@@ -287,12 +287,18 @@ mod tests {
     }
 
     #[test]
-    fn lost_once_and_a_release_of_a_lost_lease_is_refused() {
+    fn lost_once_and_a_release_asked_after_it_is_answered_at_the_finish() {
         let l = lease(Instant::now());
-        assert!(l.lose(Cause::Revoked));
+        assert!(l.lose(Cause::DeadlinePassed));
         assert!(!l.lose(Cause::Refused), "the first cause stays");
         assert!(!l.is_healthy());
-        assert_eq!(l.ask_release(None), Err(Some(Cause::Revoked)));
+        // Lost, not finished: the driver still deletes it when the guard asks.
+        let (tx, mut rx) = oneshot::channel();
+        assert_eq!(l.ask_release(Some(tx)), Ok(()));
+        // Finished another way first: the request is answered, and later ones refused.
+        l.finish();
+        assert!(!rx.try_recv().unwrap().unwrap(), "ran out: not ours");
+        assert_eq!(l.ask_release(None), Err(Some(Cause::DeadlinePassed)));
     }
 
     #[tokio::test]
@@ -305,6 +311,8 @@ mod tests {
         assert!(rx.try_recv().unwrap().unwrap());
         l.released();
         l.over().await;
+        l.finish();
+        l.finished().await;
         assert_eq!(l.ask_release(None), Err(None));
     }
 }
