@@ -1,8 +1,8 @@
 //! Lock keys: validated names, and how they become GCS object names.
 
-use crate::text::Text;
 use std::fmt;
 use std::str::FromStr;
+use std::sync::Arc;
 
 /// The longest object name GCS accepts, in bytes of UTF-8 (prefix included).
 pub const MAX_OBJECT_NAME_LEN: usize = 1024;
@@ -11,7 +11,7 @@ pub const MAX_OBJECT_NAME_LEN: usize = 1024;
 ///
 /// The lock object is named by the client's prefix followed by the key; that whole name must
 /// also fit in 1024 bytes, which the client checks before sending any request. Cloning is cheap
-/// (a key of up to 46 bytes is held inline).
+/// (the text is shared).
 ///
 /// ```
 /// use dimutex::LockKey;
@@ -22,7 +22,7 @@ pub const MAX_OBJECT_NAME_LEN: usize = 1024;
 /// # Ok::<(), dimutex::KeyError>(())
 /// ```
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct LockKey(Text<46>);
+pub struct LockKey(Arc<str>);
 
 /// Why a string is not a valid lock key.
 ///
@@ -64,7 +64,7 @@ impl LockKey {
     pub fn new(key: impl AsRef<str>) -> Result<Self, KeyError> {
         let key = key.as_ref();
         validate(key)?;
-        Ok(Self(Text::from(key)))
+        Ok(Self(key.into()))
     }
 
     /// Validates a key given as bytes, such as an HTTP header value.
@@ -88,12 +88,7 @@ impl LockKey {
     /// # Ok::<(), dimutex::KeyError>(())
     /// ```
     pub fn as_str(&self) -> &str {
-        self.0.as_str()
-    }
-
-    /// The key's bytes (UTF-8), without the check that reading it as `str` makes.
-    pub(crate) fn as_bytes(&self) -> &[u8] {
-        self.0.as_bytes()
+        &self.0
     }
 }
 
@@ -112,24 +107,23 @@ pub(crate) fn validate_prefix(prefix: &str) -> Result<(), KeyError> {
     Ok(())
 }
 
-/// A lock object's name: inline up to 62 bytes (a short prefix and a UUID fit), so that
-/// naming a lock costs no allocation.
-pub(crate) type ObjectName = Text<62>;
+/// A lock object's name (prefix + key), shared by the lease and its requests.
+pub(crate) type ObjectName = Arc<str>;
 
 /// The object name of `key` under `prefix`, checked against GCS's length limit.
 pub(crate) fn object_name(prefix: &str, key: &LockKey) -> Result<ObjectName, KeyError> {
-    let len = prefix.len() + key.as_bytes().len();
+    let len = prefix.len() + key.as_str().len();
     if len > MAX_OBJECT_NAME_LEN {
         return Err(KeyError::TooLong {
             len,
             max: MAX_OBJECT_NAME_LEN,
         });
     }
-    let name = ObjectName::concat(prefix.as_bytes(), key.as_bytes());
-    if matches!(name.as_bytes(), b"." | b"..") {
+    let name = format!("{prefix}{key}");
+    if name == "." || name == ".." {
         return Err(KeyError::DotSegment);
     }
-    Ok(name)
+    Ok(name.into())
 }
 
 fn validate(key: &str) -> Result<(), KeyError> {
@@ -269,36 +263,30 @@ mod tests {
             })
         );
         assert_eq!(
-            object_name("", &LockKey::new("k").unwrap())
-                .unwrap()
-                .as_str(),
-            "k"
+            object_name("", &LockKey::new("k").unwrap()).as_deref(),
+            Ok("k")
         );
     }
 
     #[test]
-    fn short_and_long_keys_and_names_read_back_the_same() {
-        for len in [1, 46, 47, 54, 55, 300] {
-            let text: String = "é".repeat(len / 2) + &"k".repeat(len % 2);
-            let key = LockKey::new(&text).unwrap();
-            assert_eq!((key.as_str(), key.as_bytes()), (&*text, text.as_bytes()));
+    fn keys_and_names_read_back_as_given_and_order_as_their_text() {
+        for text in ["k", "é", &"x".repeat(300)] {
+            let key = LockKey::new(text).unwrap();
+            assert_eq!(key.as_str(), text);
             assert_eq!(
-                matches!(key.0, Text::Inline { .. }),
-                text.len() <= 46,
-                "{len}"
-            );
-            assert_eq!(key, LockKey::new(text.clone()).unwrap());
-            let name = object_name("dimutex/", &key).unwrap();
-            assert_eq!(name.as_str(), format!("dimutex/{text}"));
-            assert_eq!(
-                matches!(name, Text::Inline { .. }),
-                text.len() + 8 <= 62,
-                "{len}"
+                &*object_name("dimutex/", &key).unwrap(),
+                format!("dimutex/{text}")
             );
         }
-        // Inline (short) and shared (long) keys order as their text does.
         assert!(LockKey::new("b").unwrap() > LockKey::new("a".repeat(100)).unwrap());
-        assert!(LockKey::new("a").unwrap() < LockKey::new("a".repeat(100)).unwrap());
+        assert_eq!(
+            object_name("", &LockKey::new("x").unwrap()).as_deref(),
+            Ok("x")
+        );
+        let dot = LockKey::new(".").unwrap_err();
+        assert_eq!(dot, KeyError::DotSegment);
+        let name = object_name(".", &LockKey::new(".x").unwrap());
+        assert_eq!(name.as_deref(), Ok("..x"));
     }
 
     #[test]

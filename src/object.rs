@@ -77,20 +77,20 @@ pub(crate) fn parse_ttl(s: &str) -> Option<Duration> {
 /// The metadata of a fresh lock.
 pub(crate) fn lock_metadata(ttl: Duration, owner: &str, wall_now: SystemTime) -> Metadata {
     Metadata::from([
-        (EXPIRES, format_expires(wall_now + ttl)),
-        (OWNER, owner.to_owned()),
-        (TTL, format_ttl(ttl)),
+        (EXPIRES.to_owned(), format_expires(wall_now + ttl)),
+        (OWNER.to_owned(), owner.to_owned()),
+        (TTL.to_owned(), format_ttl(ttl)),
     ])
 }
 
 /// The metadata a refresh merges in.
 pub(crate) fn refresh_metadata(ttl: Duration, wall_now: SystemTime) -> Metadata {
-    Metadata::from([(EXPIRES, format_expires(wall_now + ttl))])
+    Metadata::from([(EXPIRES.to_owned(), format_expires(wall_now + ttl))])
 }
 
 /// The owner recorded in a lock object, if any.
 pub(crate) fn owner_of(state: &ObjectState) -> Option<&str> {
-    state.metadata().get(OWNER)
+    state.metadata().get(OWNER).map(String::as_str)
 }
 
 /// Whether `state` is the lock object of the lease written at `version` by `owner`: the same
@@ -124,9 +124,9 @@ pub(crate) enum ExpirySource {
 /// The time (server clock) after which a lock object counts as expired.
 pub(crate) fn lease_end(state: &ObjectState, fallback_ttl: Duration) -> (SystemTime, ExpirySource) {
     let md = state.metadata();
-    if let Some(ttl) = md.get(TTL).and_then(parse_ttl) {
+    if let Some(ttl) = md.get(TTL).and_then(|s| parse_ttl(s)) {
         (state.updated() + ttl + DATE_RESOLUTION, ExpirySource::Ttl)
-    } else if let Some(expires) = md.get(EXPIRES).and_then(parse_expires) {
+    } else if let Some(expires) = md.get(EXPIRES).and_then(|s| parse_expires(s)) {
         (expires + FOREIGN_SKEW, ExpirySource::Expires)
     } else {
         (

@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant};
 
 use dimutex::backend::{
-    Backend, BackendError, BackendFuture, GcsBackend, Metadata, ObjectState, Reply, Version,
+    Backend, BackendError, BoxFuture, GcsBackend, Metadata, ObjectState, Reply, Version,
 };
 use dimutex::testing::{FakeGcs, Fault, FaultRule};
 use dimutex::{Client, Error};
@@ -129,9 +129,9 @@ async fn no_lock_is_created_after_shutdown_returns() {
 struct NoDate(GcsBackend);
 
 fn undated<T: Send + 'static>(
-    f: BackendFuture<'_, Result<Reply<T>, BackendError>>,
-) -> BackendFuture<'_, Result<Reply<T>, BackendError>> {
-    BackendFuture::new(async move { f.await.map(|r| Reply::new(r.into_value(), None)) })
+    f: BoxFuture<'_, Result<Reply<T>, BackendError>>,
+) -> BoxFuture<'_, Result<Reply<T>, BackendError>> {
+    Box::pin(async move { f.await.map(|r| Reply::new(r.into_value(), None)) })
 }
 
 impl Backend for NoDate {
@@ -139,14 +139,14 @@ impl Backend for NoDate {
         &'a self,
         name: &'a str,
         metadata: &'a Metadata,
-    ) -> BackendFuture<'a, Result<Reply<ObjectState>, BackendError>> {
+    ) -> BoxFuture<'a, Result<Reply<ObjectState>, BackendError>> {
         undated(self.0.create(name, metadata))
     }
 
     fn inspect<'a>(
         &'a self,
         name: &'a str,
-    ) -> BackendFuture<'a, Result<Reply<Option<ObjectState>>, BackendError>> {
+    ) -> BoxFuture<'a, Result<Reply<Option<ObjectState>>, BackendError>> {
         undated(self.0.inspect(name))
     }
 
@@ -155,7 +155,7 @@ impl Backend for NoDate {
         name: &'a str,
         expected: Version,
         metadata: &'a Metadata,
-    ) -> BackendFuture<'a, Result<Reply<ObjectState>, BackendError>> {
+    ) -> BoxFuture<'a, Result<Reply<ObjectState>, BackendError>> {
         undated(self.0.takeover(name, expected, metadata))
     }
 
@@ -164,7 +164,7 @@ impl Backend for NoDate {
         name: &'a str,
         expected: Version,
         metadata: &'a Metadata,
-    ) -> BackendFuture<'a, Result<Reply<ObjectState>, BackendError>> {
+    ) -> BoxFuture<'a, Result<Reply<ObjectState>, BackendError>> {
         undated(self.0.refresh(name, expected, metadata))
     }
 
@@ -172,7 +172,7 @@ impl Backend for NoDate {
         &'a self,
         name: &'a str,
         expected: Version,
-    ) -> BackendFuture<'a, Result<Reply<()>, BackendError>> {
+    ) -> BoxFuture<'a, Result<Reply<()>, BackendError>> {
         undated(self.0.release(name, expected))
     }
 }

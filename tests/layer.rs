@@ -144,7 +144,10 @@ async fn a_create_refused_by_the_throttle_waits_out_the_window_once() {
     // and this client has not met the throttle itself.
     let name = "dimutex/job-throttled";
     let created = backend
-        .create(name, &Metadata::from([("owner", "elsewhere")]))
+        .create(
+            name,
+            &Metadata::from([("owner".into(), "elsewhere".into())]),
+        )
         .await
         .unwrap();
     tokio::time::sleep(Duration::from_millis(1100)).await;

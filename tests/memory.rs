@@ -5,7 +5,7 @@ mod support;
 use std::sync::Arc;
 
 use dimutex::backend::{
-    Backend, BackendError, BackendFuture, MemoryBackend, Metadata, ObjectState, Reply, Version,
+    Backend, BackendError, BoxFuture, MemoryBackend, Metadata, ObjectState, Reply, Version,
 };
 use support::scenarios::{self, Env};
 
@@ -99,11 +99,11 @@ async fn t7_client_clocks_change_nothing() {
 #[derive(Debug, Clone)]
 struct NoPreconditions(MemoryBackend);
 
-type Written<'a> = BackendFuture<'a, Result<Reply<ObjectState>, BackendError>>;
+type Written<'a> = BoxFuture<'a, Result<Reply<ObjectState>, BackendError>>;
 
 impl Backend for NoPreconditions {
     fn create<'a>(&'a self, name: &'a str, metadata: &'a Metadata) -> Written<'a> {
-        BackendFuture::new(async move {
+        Box::pin(async move {
             loop {
                 let result = match self.0.inspect(name).await?.into_value() {
                     None => self.0.create(name, metadata).await,
@@ -120,7 +120,7 @@ impl Backend for NoPreconditions {
     fn inspect<'a>(
         &'a self,
         name: &'a str,
-    ) -> BackendFuture<'a, Result<Reply<Option<ObjectState>>, BackendError>> {
+    ) -> BoxFuture<'a, Result<Reply<Option<ObjectState>>, BackendError>> {
         self.0.inspect(name)
     }
 
@@ -146,7 +146,7 @@ impl Backend for NoPreconditions {
         &'a self,
         name: &'a str,
         expected: Version,
-    ) -> BackendFuture<'a, Result<Reply<()>, BackendError>> {
+    ) -> BoxFuture<'a, Result<Reply<()>, BackendError>> {
         self.0.release(name, expected)
     }
 }
@@ -370,7 +370,7 @@ impl Backend for Scripted {
     fn inspect<'a>(
         &'a self,
         name: &'a str,
-    ) -> BackendFuture<'a, Result<Reply<Option<ObjectState>>, BackendError>> {
+    ) -> BoxFuture<'a, Result<Reply<Option<ObjectState>>, BackendError>> {
         self.inner.inspect(name)
     }
 
@@ -389,7 +389,7 @@ impl Backend for Scripted {
         expected: Version,
         metadata: &'a Metadata,
     ) -> Written<'a> {
-        BackendFuture::new(async move {
+        Box::pin(async move {
             self.refreshes_started
                 .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             tokio::time::sleep(self.refresh_delay).await;
@@ -401,8 +401,8 @@ impl Backend for Scripted {
         &'a self,
         name: &'a str,
         expected: Version,
-    ) -> BackendFuture<'a, Result<Reply<()>, BackendError>> {
-        BackendFuture::new(async move {
+    ) -> BoxFuture<'a, Result<Reply<()>, BackendError>> {
+        Box::pin(async move {
             tokio::time::sleep(self.release_delay).await;
             let result = self.inner.release(name, expected).await;
             let first = !self
@@ -645,8 +645,8 @@ impl Backend for Recording {
     fn inspect<'a>(
         &'a self,
         name: &'a str,
-    ) -> BackendFuture<'a, Result<Reply<Option<ObjectState>>, BackendError>> {
-        BackendFuture::new(async move {
+    ) -> BoxFuture<'a, Result<Reply<Option<ObjectState>>, BackendError>> {
+        Box::pin(async move {
             let reply = self.inner.inspect(name).await?;
             self.note("inspect", reply.value().is_some());
             Ok(reply)
@@ -675,7 +675,7 @@ impl Backend for Recording {
         &'a self,
         name: &'a str,
         expected: Version,
-    ) -> BackendFuture<'a, Result<Reply<()>, BackendError>> {
+    ) -> BoxFuture<'a, Result<Reply<()>, BackendError>> {
         self.inner.release(name, expected)
     }
 }

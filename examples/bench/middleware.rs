@@ -59,9 +59,15 @@ async fn raw_writes(
 ) -> &'static str {
     use dimutex::backend::{Backend, Metadata};
     let md = Metadata::from([
-        ("ttl", "30".to_owned()),
-        ("owner", format!("bench#{:032x}", rand::random::<u128>())),
-        ("expires", "2030-01-01 00:00:00.000000 UTC".to_owned()),
+        ("ttl".into(), "30".to_owned()),
+        (
+            "owner".into(),
+            format!("bench#{:032x}", rand::random::<u128>()),
+        ),
+        (
+            "expires".into(),
+            "2030-01-01 00:00:00.000000 UTC".to_owned(),
+        ),
     ]);
     let name = format!("raw/{key}");
     match backend.create(&name, &md).await {

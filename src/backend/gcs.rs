@@ -8,7 +8,7 @@ use bytes::Bytes;
 use http::{HeaderMap, StatusCode};
 use serde::Deserialize;
 
-use super::{Backend, BackendError, BackendFuture, Metadata, ObjectState, Reply, Version};
+use super::{Backend, BackendError, BoxFuture, Metadata, ObjectState, Reply, Version};
 
 /// The production endpoint of the GCS JSON API.
 pub const GCS_ENDPOINT: &str = "https://storage.googleapis.com";
@@ -345,8 +345,8 @@ impl Backend for GcsBackend {
         &'a self,
         name: &'a str,
         metadata: &'a Metadata,
-    ) -> BackendFuture<'a, Result<Reply<ObjectState>, BackendError>> {
-        BackendFuture::new(async move {
+    ) -> BoxFuture<'a, Result<Reply<ObjectState>, BackendError>> {
+        Box::pin(async move {
             self.write(name, self.upload(name, metadata, None), 1)
                 .await
                 .map_err(|e| match e {
@@ -360,8 +360,8 @@ impl Backend for GcsBackend {
     fn inspect<'a>(
         &'a self,
         name: &'a str,
-    ) -> BackendFuture<'a, Result<Reply<Option<ObjectState>>, BackendError>> {
-        BackendFuture::new(async move {
+    ) -> BoxFuture<'a, Result<Reply<Option<ObjectState>>, BackendError>> {
+        Box::pin(async move {
             let r = self.send(self.http.get(self.object_url(name))).await?;
             if r.status.is_success() {
                 let state = parse_object(&r.body, None)?;
@@ -379,8 +379,8 @@ impl Backend for GcsBackend {
         name: &'a str,
         expected: Version,
         metadata: &'a Metadata,
-    ) -> BackendFuture<'a, Result<Reply<ObjectState>, BackendError>> {
-        BackendFuture::new(async move {
+    ) -> BoxFuture<'a, Result<Reply<ObjectState>, BackendError>> {
+        Box::pin(async move {
             self.write(name, self.upload(name, metadata, Some(expected)), 1)
                 .await
         })
@@ -391,8 +391,8 @@ impl Backend for GcsBackend {
         name: &'a str,
         expected: Version,
         metadata: &'a Metadata,
-    ) -> BackendFuture<'a, Result<Reply<ObjectState>, BackendError>> {
-        BackendFuture::new(async move {
+    ) -> BoxFuture<'a, Result<Reply<ObjectState>, BackendError>> {
+        Box::pin(async move {
             #[derive(serde::Serialize)]
             struct Patch<'a> {
                 metadata: &'a Metadata,
@@ -415,8 +415,8 @@ impl Backend for GcsBackend {
         &'a self,
         name: &'a str,
         expected: Version,
-    ) -> BackendFuture<'a, Result<Reply<()>, BackendError>> {
-        BackendFuture::new(async move {
+    ) -> BoxFuture<'a, Result<Reply<()>, BackendError>> {
+        Box::pin(async move {
             let request = self.http.delete(self.object_url_if(name, expected));
             let r = self.send(request).await?;
             if r.status.is_success() {
@@ -565,11 +565,19 @@ fn parse_object(
             status: None,
             message: format!("malformed object resource: {e}"),
         })?;
+    // Never a default: an `updated` read as any time (the epoch) would make a live lock
+    // look expired, and be taken over.
     let updated = resource
         .updated
         .as_deref()
-        .and_then(parse_rfc3339)
-        .unwrap_or(SystemTime::UNIX_EPOCH);
+        .ok_or_else(|| BackendError::Fatal {
+            status: None,
+            message: "object resource without `updated`".into(),
+        })?;
+    let updated = parse_rfc3339(updated).ok_or_else(|| BackendError::Fatal {
+        status: None,
+        message: format!("object resource with an unreadable `updated`: {updated:?}"),
+    })?;
     let metageneration = resource
         .metageneration
         .or(missing_metageneration)
@@ -704,21 +712,44 @@ mod tests {
     fn object_resources_parse_strings_and_numbers() {
         let s = parse_object(br#"{"generation":"1700000000000001","metageneration":"2","updated":"2026-11-26T06:22:41.123Z","metadata":{"ttl":"30"}}"#, None).unwrap();
         assert_eq!(s.version(), Version::new(1700000000000001, 2));
-        assert_eq!(s.metadata().get("ttl"), Some("30"));
+        assert_eq!(s.metadata()["ttl"], "30");
         assert_eq!(
             s.updated(),
             SystemTime::UNIX_EPOCH + Duration::from_millis(1_795_674_161_123)
         );
-        let n = parse_object(br#"{"generation":5,"metageneration":1}"#, None).unwrap();
+        let n = parse_object(
+            br#"{"generation":5,"metageneration":1,"updated":"2026-11-26T06:22:41Z"}"#,
+            None,
+        )
+        .unwrap();
         assert_eq!(n.version(), Version::new(5, 1));
         assert!(parse_object(b"{}", None).is_err());
-        assert!(parse_object(br#"{"generation":5}"#, None).is_err());
+        let no_metageneration = br#"{"generation":5,"updated":"2026-11-26T06:22:41Z"}"#;
+        assert!(parse_object(no_metageneration, None).is_err());
         let patched = parse_object(
             br#"{"generation":5,"updated":"2026-11-26T06:28:40.9593Z"}"#,
             Some(3),
         )
         .unwrap();
         assert_eq!(patched.version(), Version::new(5, 3));
+    }
+
+    /// Hole 6 (issue 16): a missing or unreadable `updated` was read as the Unix epoch, which
+    /// makes a live lock look expired to whoever inspects it.
+    #[test]
+    fn an_object_without_a_readable_updated_is_an_error_never_a_time() {
+        for body in [
+            &br#"{"generation":"5","metageneration":"1","metadata":{"ttl":"30"}}"#[..],
+            br#"{"generation":"5","metageneration":"1","updated":"yesterday"}"#,
+            br#"{"generation":"5","metageneration":"1","updated":""}"#,
+        ] {
+            match parse_object(body, None) {
+                Err(e @ BackendError::Fatal { .. }) => {
+                    assert!(e.to_string().contains("`updated`"), "{e}")
+                }
+                other => panic!("{other:?} for {}", String::from_utf8_lossy(body)),
+            }
+        }
     }
 
     #[test]

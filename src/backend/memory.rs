@@ -4,7 +4,7 @@ use std::borrow::Cow;
 use std::sync::Arc;
 
 use super::store::{Preconditions, Store, StoreError, StoredObject};
-use super::{Backend, BackendError, BackendFuture, Metadata, ObjectState, Reply, Version};
+use super::{Backend, BackendError, BoxFuture, Metadata, ObjectState, Reply, Version};
 
 /// A lock backend that keeps lock objects in this process, with the semantics of GCS:
 /// generations, metagenerations, preconditions, a server clock, and (optionally) GCS's limit of
@@ -78,7 +78,7 @@ impl MemoryBackend {
         self.store
             .list("")
             .into_iter()
-            .map(|o| o.name.to_string())
+            .map(|o| o.name.clone())
             .collect()
     }
 
@@ -168,25 +168,25 @@ impl Backend for MemoryBackend {
         &'a self,
         name: &'a str,
         metadata: &'a Metadata,
-    ) -> BackendFuture<'a, Result<Reply<ObjectState>, BackendError>> {
+    ) -> BoxFuture<'a, Result<Reply<ObjectState>, BackendError>> {
         let pre = Preconditions {
             if_generation_match: Some(0),
             ..Preconditions::default()
         };
         let out = self.write_lock(name, metadata, pre);
-        BackendFuture::ready(out)
+        Box::pin(std::future::ready(out))
     }
 
     fn inspect<'a>(
         &'a self,
         name: &'a str,
-    ) -> BackendFuture<'a, Result<Reply<Option<ObjectState>>, BackendError>> {
+    ) -> BoxFuture<'a, Result<Reply<Option<ObjectState>>, BackendError>> {
         let out = match self.store.get(name) {
             Ok(o) => Ok(self.reply(Some(state(o)))),
             Err(StoreError::NotFound) => Ok(self.reply(None)),
             Err(e) => Err(self.error(e)),
         };
-        BackendFuture::ready(out)
+        Box::pin(std::future::ready(out))
     }
 
     fn takeover<'a>(
@@ -194,9 +194,9 @@ impl Backend for MemoryBackend {
         name: &'a str,
         expected: Version,
         metadata: &'a Metadata,
-    ) -> BackendFuture<'a, Result<Reply<ObjectState>, BackendError>> {
+    ) -> BoxFuture<'a, Result<Reply<ObjectState>, BackendError>> {
         let out = self.write_lock(name, metadata, matching(expected));
-        BackendFuture::ready(out)
+        Box::pin(std::future::ready(out))
     }
 
     fn refresh<'a>(
@@ -204,18 +204,21 @@ impl Backend for MemoryBackend {
         name: &'a str,
         expected: Version,
         metadata: &'a Metadata,
-    ) -> BackendFuture<'a, Result<Reply<ObjectState>, BackendError>> {
-        let patch = metadata.changes().collect();
+    ) -> BoxFuture<'a, Result<Reply<ObjectState>, BackendError>> {
+        let patch = metadata
+            .iter()
+            .map(|(k, v)| (k.clone(), Some(v.clone())))
+            .collect();
         let result = self.store.patch(name, patch, matching(expected));
         let out = self.write_result(result);
-        BackendFuture::ready(out)
+        Box::pin(std::future::ready(out))
     }
 
     fn release<'a>(
         &'a self,
         name: &'a str,
         expected: Version,
-    ) -> BackendFuture<'a, Result<Reply<()>, BackendError>> {
+    ) -> BoxFuture<'a, Result<Reply<()>, BackendError>> {
         // Without a server time: nothing reads a delete's, and the clock read would be the
         // dearest part of it.
         let out = self
@@ -223,6 +226,6 @@ impl Backend for MemoryBackend {
             .delete(name, matching(expected))
             .map(|()| Reply::new((), None))
             .map_err(|e| self.error(e));
-        BackendFuture::ready(out)
+        Box::pin(std::future::ready(out))
     }
 }

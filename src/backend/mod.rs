@@ -5,24 +5,32 @@
 //! only performs single requests and reports what the server said. Retries, ambiguity
 //! resolution and expiry judgement all live in the client, so every backend gets them the same.
 
+use std::collections::BTreeMap;
 use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
 use std::time::{Duration, SystemTime};
 
-mod future;
 #[cfg(feature = "gcs")]
 mod gcs;
 mod memory;
-mod metadata;
 pub(crate) mod store;
 
-pub use future::BackendFuture;
-#[allow(deprecated)]
-pub use future::BoxFuture;
 #[cfg(feature = "gcs")]
 pub use gcs::{GCS_ENDPOINT, GcsBackend, GcsBackendBuilder, GcsConfigError, SCOPE};
 pub use memory::MemoryBackend;
-pub use metadata::Metadata;
-pub(crate) use metadata::Value as MetadataValue;
+
+/// What each [`Backend`] method returns: a boxed, sendable future of the server's answer.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// The custom metadata of a lock object (`metadata` in the GCS object resource): string keys
+/// to string values.
+///
+/// ```
+/// let md = dimutex::backend::Metadata::from([("ttl".to_owned(), "30".to_owned())]);
+/// assert_eq!(md.get("ttl").map(String::as_str), Some("30"));
+/// ```
+pub type Metadata = BTreeMap<String, String>;
 
 /// The two version numbers of a GCS object that every conditional write names.
 ///
@@ -224,9 +232,6 @@ impl BackendError {
 /// retry. Implementations map HTTP 412 to [`BackendError::PreconditionFailed`], a missing object
 /// to [`BackendError::NotFound`], and failures worth retrying to [`BackendError::Transient`].
 ///
-/// Each returns a [`BackendFuture`]: [`BackendFuture::ready`] when the answer is known by the
-/// time the method returns (no allocation), [`BackendFuture::new`] for a request that waits.
-///
 /// The crate ships [`GcsBackend`] (feature `gcs`) and
 /// [`MemoryBackend`]; implement this trait to put locks elsewhere.
 ///
@@ -242,13 +247,13 @@ pub trait Backend: Send + Sync + fmt::Debug + 'static {
         &'a self,
         name: &'a str,
         metadata: &'a Metadata,
-    ) -> BackendFuture<'a, Result<Reply<ObjectState>, BackendError>>;
+    ) -> BoxFuture<'a, Result<Reply<ObjectState>, BackendError>>;
 
     /// Reads the object; `None` when there is none.
     fn inspect<'a>(
         &'a self,
         name: &'a str,
-    ) -> BackendFuture<'a, Result<Reply<Option<ObjectState>>, BackendError>>;
+    ) -> BoxFuture<'a, Result<Reply<Option<ObjectState>>, BackendError>>;
 
     /// Overwrites the object in one request, only if it is still at `expected`.
     fn takeover<'a>(
@@ -256,7 +261,7 @@ pub trait Backend: Send + Sync + fmt::Debug + 'static {
         name: &'a str,
         expected: Version,
         metadata: &'a Metadata,
-    ) -> BackendFuture<'a, Result<Reply<ObjectState>, BackendError>>;
+    ) -> BoxFuture<'a, Result<Reply<ObjectState>, BackendError>>;
 
     /// Merges `metadata` into the object's metadata, only if it is still at `expected`.
     fn refresh<'a>(
@@ -264,14 +269,14 @@ pub trait Backend: Send + Sync + fmt::Debug + 'static {
         name: &'a str,
         expected: Version,
         metadata: &'a Metadata,
-    ) -> BackendFuture<'a, Result<Reply<ObjectState>, BackendError>>;
+    ) -> BoxFuture<'a, Result<Reply<ObjectState>, BackendError>>;
 
     /// Deletes the object, only if it is still at `expected`.
     fn release<'a>(
         &'a self,
         name: &'a str,
         expected: Version,
-    ) -> BackendFuture<'a, Result<Reply<()>, BackendError>>;
+    ) -> BoxFuture<'a, Result<Reply<()>, BackendError>>;
 }
 
 impl<B: Backend + ?Sized> Backend for std::sync::Arc<B> {
@@ -279,14 +284,14 @@ impl<B: Backend + ?Sized> Backend for std::sync::Arc<B> {
         &'a self,
         name: &'a str,
         metadata: &'a Metadata,
-    ) -> BackendFuture<'a, Result<Reply<ObjectState>, BackendError>> {
+    ) -> BoxFuture<'a, Result<Reply<ObjectState>, BackendError>> {
         (**self).create(name, metadata)
     }
 
     fn inspect<'a>(
         &'a self,
         name: &'a str,
-    ) -> BackendFuture<'a, Result<Reply<Option<ObjectState>>, BackendError>> {
+    ) -> BoxFuture<'a, Result<Reply<Option<ObjectState>>, BackendError>> {
         (**self).inspect(name)
     }
 
@@ -295,7 +300,7 @@ impl<B: Backend + ?Sized> Backend for std::sync::Arc<B> {
         name: &'a str,
         expected: Version,
         metadata: &'a Metadata,
-    ) -> BackendFuture<'a, Result<Reply<ObjectState>, BackendError>> {
+    ) -> BoxFuture<'a, Result<Reply<ObjectState>, BackendError>> {
         (**self).takeover(name, expected, metadata)
     }
 
@@ -304,7 +309,7 @@ impl<B: Backend + ?Sized> Backend for std::sync::Arc<B> {
         name: &'a str,
         expected: Version,
         metadata: &'a Metadata,
-    ) -> BackendFuture<'a, Result<Reply<ObjectState>, BackendError>> {
+    ) -> BoxFuture<'a, Result<Reply<ObjectState>, BackendError>> {
         (**self).refresh(name, expected, metadata)
     }
 
@@ -312,7 +317,7 @@ impl<B: Backend + ?Sized> Backend for std::sync::Arc<B> {
         &'a self,
         name: &'a str,
         expected: Version,
-    ) -> BackendFuture<'a, Result<Reply<()>, BackendError>> {
+    ) -> BoxFuture<'a, Result<Reply<()>, BackendError>> {
         (**self).release(name, expected)
     }
 }

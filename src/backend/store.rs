@@ -6,15 +6,12 @@
 //! two fronts on this one model, so they cannot drift apart.
 
 use std::borrow::Cow;
-use std::collections::HashMap;
-use std::hash::BuildHasher;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
-use std::sync::{Arc, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
-use super::{Metadata, MetadataValue};
-use crate::key::ObjectName;
-use crate::shards::Shards;
+use super::Metadata;
 
 /// The four GCS preconditions. `if_generation_match == Some(0)` means "no live object".
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -28,9 +25,7 @@ pub(crate) struct Preconditions {
 /// One stored object.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct StoredObject {
-    /// Inline when short: a lock's create costs no allocation for its name, in the map's key
-    /// or in the object.
-    pub name: ObjectName,
+    pub name: String,
     pub generation: i64,
     pub metageneration: i64,
     pub created: SystemTime,
@@ -53,15 +48,15 @@ pub(crate) enum StoreError {
 }
 
 /// A metadata change: `None` removes the key (JSON `null` in a PATCH).
-pub(crate) type MetadataPatch = Vec<(Cow<'static, str>, Option<MetadataValue>)>;
+pub(crate) type MetadataPatch = Vec<(String, Option<String>)>;
 
-/// The objects of one shard of names.
+/// The objects of the bucket.
 #[derive(Debug, Default)]
 struct Inner {
-    /// Shared with the replies that carry them: a reply costs no copy.
-    objects: HashMap<ObjectName, Arc<StoredObject>, Hash>,
-    last_mutation: HashMap<String, Instant, Hash>,
-    /// Generations are per name (as on GCS): a shard's last one keeps its names' increasing.
+    /// Sorted by name, as GCS lists them; shared with the replies that carry them.
+    objects: BTreeMap<String, Arc<StoredObject>>,
+    last_mutation: HashMap<String, Instant>,
+    /// Generations are per name on GCS; one counter for all keeps each name's increasing.
     last_generation: i64,
     /// Reads and writes served, refused ones included.
     operations: u64,
@@ -70,23 +65,14 @@ struct Inner {
 impl Inner {
     /// The live object named `name`, if any.
     fn object(&self, name: &str) -> Option<&StoredObject> {
-        self.objects.get(name.as_bytes()).map(Arc::as_ref)
+        self.objects.get(name).map(Arc::as_ref)
     }
 }
 
-/// Object names come from requests: a seeded hash, but a fast one.
-type Hash = foldhash::fast::RandomState;
-
 /// The object store of one bucket.
-///
-/// In shards by object name: a busy server's threads each create and delete their own names,
-/// and with one lock (and one request counter) for all of them every worker thread would
-/// write the same cache lines at every request.
 #[derive(Debug, Default)]
 pub(crate) struct Store {
-    shards: Shards<Inner>,
-    /// Picks a name's shard.
-    hash: Hash,
+    inner: Mutex<Inner>,
     throttle: AtomicBool,
     clock_offset_ms: AtomicI64,
 }
@@ -114,25 +100,27 @@ impl Store {
         }
     }
 
-    /// The shard of `name`, locked, with the operation counted.
-    fn shard(&self, name: &str) -> MutexGuard<'_, Inner> {
-        let mut inner = self.shards.lock(self.hash.hash_one(name) as usize);
+    /// The objects, locked (a lock poisoned by a panic elsewhere is taken over: the map is
+    /// consistent between statements).
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The objects, locked, with one operation counted.
+    fn operation(&self) -> MutexGuard<'_, Inner> {
+        let mut inner = self.lock();
         inner.operations += 1;
         inner
     }
 
     /// How many reads and writes the store served (refused ones included).
     pub fn operations(&self) -> u64 {
-        self.shards.each().map(|s| s.operations).sum()
+        self.lock().operations
     }
 
     pub fn get(&self, name: &str) -> Result<Arc<StoredObject>, StoreError> {
-        let inner = self.shard(name);
-        inner
-            .objects
-            .get(name.as_bytes())
-            .cloned()
-            .ok_or(StoreError::NotFound)
+        let inner = self.operation();
+        inner.objects.get(name).cloned().ok_or(StoreError::NotFound)
     }
 
     /// Reads an object under preconditions, as GCS does for GET: a failed `if*Match` is 412,
@@ -159,23 +147,17 @@ impl Store {
         Ok(object)
     }
 
+    /// The objects whose names start with `prefix`, sorted by name.
     pub fn list(&self, prefix: &str) -> Vec<Arc<StoredObject>> {
-        let mut out = Vec::new();
-        for inner in self.shards.each() {
-            out.extend(
-                inner
-                    .objects
-                    .values()
-                    .filter(|o| o.name.starts_with(prefix))
-                    .cloned(),
-            );
-        }
-        out.sort_by(|a, b| a.name.cmp(&b.name));
-        out
+        let inner = self.lock();
+        let from = inner.objects.range(prefix.to_owned()..);
+        from.take_while(|(name, _)| name.starts_with(prefix))
+            .map(|(_, o)| o.clone())
+            .collect()
     }
 
     pub fn len(&self) -> usize {
-        self.shards.each().map(|s| s.objects.len()).sum()
+        self.lock().objects.len()
     }
 
     /// Creates or overwrites an object (a new generation, metageneration 1).
@@ -189,11 +171,12 @@ impl Store {
         pre: Preconditions,
     ) -> Result<Arc<StoredObject>, StoreError> {
         let now = self.now();
-        // Allocated before the lock, which is held only for the map.
-        let key = ObjectName::from(name);
-        let mut object = Arc::new(StoredObject {
-            name: key.clone(),
-            generation: 0,
+        let mut inner = self.operation();
+        check(inner.object(name), pre, true)?;
+        self.throttle_check(&mut inner, name)?;
+        let object = Arc::new(StoredObject {
+            name: name.to_owned(),
+            generation: next_generation(&mut inner, now),
             metageneration: 1,
             created: now,
             updated: now,
@@ -202,15 +185,7 @@ impl Store {
             content_type,
             data,
         });
-        let mut inner = self.shard(name);
-        check(inner.object(name), pre, true)?;
-        self.throttle_check(&mut inner, name)?;
-        if let Some(o) = Arc::get_mut(&mut object) {
-            o.generation = next_generation(&mut inner, now);
-        }
-        let replaced = inner.objects.insert(key, object.clone());
-        drop(inner);
-        drop(replaced);
+        inner.objects.insert(name.to_owned(), object.clone());
         Ok(object)
     }
 
@@ -222,29 +197,28 @@ impl Store {
         pre: Preconditions,
     ) -> Result<Arc<StoredObject>, StoreError> {
         let now = self.now();
-        let mut inner = self.shard(name);
+        let mut inner = self.operation();
         check(inner.object(name), pre, false)?;
         self.throttle_check(&mut inner, name)?;
-        let entry = inner
-            .objects
-            .get_mut(name.as_bytes())
-            .ok_or(StoreError::NotFound)?;
+        let entry = inner.objects.get_mut(name).ok_or(StoreError::NotFound)?;
         // Copied only if a reply still shares it.
         let object = Arc::make_mut(entry);
-        object.metadata = object.metadata.merged(patch);
+        for (key, value) in patch {
+            match value {
+                Some(value) => object.metadata.insert(key, value),
+                None => object.metadata.remove(&key),
+            };
+        }
         object.metageneration += 1;
         object.updated = now.max(object.updated);
         Ok(entry.clone())
     }
 
     pub fn delete(&self, name: &str, pre: Preconditions) -> Result<(), StoreError> {
-        let mut inner = self.shard(name);
+        let mut inner = self.operation();
         check(inner.object(name), pre, false)?;
         self.throttle_check(&mut inner, name)?;
-        let removed = inner.objects.remove(name.as_bytes());
-        // Freed after the lock.
-        drop(inner);
-        drop(removed);
+        inner.objects.remove(name);
         Ok(())
     }
 
@@ -443,7 +417,7 @@ mod tests {
     #[test]
     fn patch_merges_and_removes_keys() {
         let store = Store::default();
-        let md = Metadata::from([("a", "1"), ("b", "2")]);
+        let md = Metadata::from([("a".into(), "1".into()), ("b".into(), "2".into())]);
         store
             .insert("k", md, None, None, Cow::Borrowed(&[]), gen_match(0))
             .unwrap();
@@ -454,16 +428,15 @@ mod tests {
                 Preconditions::default(),
             )
             .unwrap();
-        assert_eq!(p.metadata.get("a"), None);
-        assert_eq!(p.metadata.get("b"), Some("2"));
-        assert_eq!(p.metadata.get("c"), Some("3"));
+        let md: Vec<_> = p.metadata.iter().map(|(k, v)| (&**k, &**v)).collect();
+        assert_eq!(md, [("b", "2"), ("c", "3")]);
     }
 
     #[test]
-    fn shards_are_one_store_to_readers() {
+    fn lists_are_sorted_and_filtered_by_prefix() {
         let store = Store::default();
         let names: Vec<String> = (0..100).map(|i| format!("n{i:03}")).collect();
-        for name in &names {
+        for name in names.iter().rev() {
             insert(&store, name, gen_match(0)).unwrap();
         }
         assert_eq!(store.len(), 100);
@@ -472,7 +445,8 @@ mod tests {
             .iter()
             .map(|o| o.name.to_string())
             .collect();
-        assert_eq!(listed, names[..100].to_vec(), "sorted across shards");
+        assert_eq!(listed, names[..100].to_vec(), "sorted");
+        assert_eq!(store.list("n1").len(), 0);
         assert_eq!(store.list("n05").len(), 10);
     }
 

@@ -96,7 +96,7 @@ async fn refresh_until(
     let s = p.settings();
     for _ in 0..=REREADS {
         let md = object::refresh_metadata(s.ttl, (s.clock)());
-        let expires = md.get(object::EXPIRES).unwrap_or_default().to_owned();
+        let expires = md.get(object::EXPIRES).cloned().unwrap_or_default();
         // Recorded before the send: should this future be cut off, the write may still land.
         known.unknown.push(expires.clone());
         let version = known.version;
@@ -125,7 +125,7 @@ async fn refresh_until(
             Ok(_) => return Refreshed::Refused,
             Err(_) => return failed_before(deadline),
         };
-        let landed_now = state.metadata().get(object::EXPIRES) == Some(expires.as_str());
+        let landed_now = state.metadata().get(object::EXPIRES) == Some(&expires);
         if landed_now {
             // This refresh landed, on an attempt whose answer was lost.
             known.landed(state.version(), a.first_sent);

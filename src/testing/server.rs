@@ -1346,7 +1346,7 @@ fn metadata_patch(body: &[u8]) -> Result<MetadataPatch, ApiError> {
             .iter()
             .map(|(key, value)| {
                 let value = metadata_value(key, value)?;
-                Ok((key.clone().into(), value.map(Into::into)))
+                Ok((key.clone(), value))
             })
             .collect(),
     }

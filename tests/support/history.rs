@@ -23,9 +23,7 @@ use std::fmt;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-use dimutex::backend::{
-    Backend, BackendError, BackendFuture, Metadata, ObjectState, Reply, Version,
-};
+use dimutex::backend::{Backend, BackendError, BoxFuture, Metadata, ObjectState, Reply, Version};
 
 use super::fenced::Resource;
 
@@ -294,7 +292,7 @@ impl Pending {
                     }
                     if event.kind == Kind::Inspect {
                         event.token = Some(s.version().generation());
-                        event.detail = s.metadata().get("owner").unwrap_or_default().to_owned();
+                        event.detail = s.metadata().get("owner").cloned().unwrap_or_default();
                     }
                 }
             }
@@ -342,9 +340,9 @@ impl Backend for Recording {
         &'a self,
         name: &'a str,
         metadata: &'a Metadata,
-    ) -> BackendFuture<'a, Result<Reply<ObjectState>, BackendError>> {
+    ) -> BoxFuture<'a, Result<Reply<ObjectState>, BackendError>> {
         let pending = self.pending(Kind::Create, name, None);
-        BackendFuture::new(async move {
+        Box::pin(async move {
             let r = self.inner.create(name, metadata).await;
             pending.finish(&r, written);
             r
@@ -354,9 +352,9 @@ impl Backend for Recording {
     fn inspect<'a>(
         &'a self,
         name: &'a str,
-    ) -> BackendFuture<'a, Result<Reply<Option<ObjectState>>, BackendError>> {
+    ) -> BoxFuture<'a, Result<Reply<Option<ObjectState>>, BackendError>> {
         let pending = self.pending(Kind::Inspect, name, None);
-        BackendFuture::new(async move {
+        Box::pin(async move {
             let r = self.inner.inspect(name).await;
             pending.finish(&r, read);
             r
@@ -368,9 +366,9 @@ impl Backend for Recording {
         name: &'a str,
         expected: Version,
         metadata: &'a Metadata,
-    ) -> BackendFuture<'a, Result<Reply<ObjectState>, BackendError>> {
+    ) -> BoxFuture<'a, Result<Reply<ObjectState>, BackendError>> {
         let pending = self.pending(Kind::Takeover, name, Some(expected));
-        BackendFuture::new(async move {
+        Box::pin(async move {
             let r = self.inner.takeover(name, expected, metadata).await;
             pending.finish(&r, written);
             r
@@ -382,9 +380,9 @@ impl Backend for Recording {
         name: &'a str,
         expected: Version,
         metadata: &'a Metadata,
-    ) -> BackendFuture<'a, Result<Reply<ObjectState>, BackendError>> {
+    ) -> BoxFuture<'a, Result<Reply<ObjectState>, BackendError>> {
         let pending = self.pending(Kind::Refresh, name, Some(expected));
-        BackendFuture::new(async move {
+        Box::pin(async move {
             let r = self.inner.refresh(name, expected, metadata).await;
             pending.finish(&r, written);
             r
@@ -395,9 +393,9 @@ impl Backend for Recording {
         &'a self,
         name: &'a str,
         expected: Version,
-    ) -> BackendFuture<'a, Result<Reply<()>, BackendError>> {
+    ) -> BoxFuture<'a, Result<Reply<()>, BackendError>> {
         let pending = self.pending(Kind::Delete, name, Some(expected));
-        BackendFuture::new(async move {
+        Box::pin(async move {
             let r = self.inner.release(name, expected).await;
             pending.finish(&r, deleted);
             r

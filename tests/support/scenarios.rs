@@ -293,7 +293,10 @@ pub async fn foreign_takeover_is_signalled(env: &Env) {
     let raw = env.backend().await;
     let name = format!("{}stolen", env.prefix);
     let state = raw.inspect(&name).await.unwrap().into_value().unwrap();
-    let md = Metadata::from([("owner", "intruder#0"), ("ttl", "60")]);
+    let md = Metadata::from([
+        ("owner".into(), "intruder#0".into()),
+        ("ttl".into(), "60".into()),
+    ]);
     let stolen = raw
         .takeover(&name, state.version(), &md)
         .await
