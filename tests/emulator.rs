@@ -135,11 +135,7 @@ async fn external_target_runs_the_scenarios() {
         return;
     };
     let env = env(&endpoint, &bucket, "external");
-    let r = scenarios::mutual_exclusion(&env, 8, 10, 1).await;
-    eprintln!("external target {endpoint}:");
-    r.assert_clean("T1 external, 8 clients x 10 rounds");
-    scenarios::refresh_keeps_the_lease(&env).await;
-    scenarios::drop_and_shutdown_release(&env).await;
+    scenarios::external_suite(&env, &format!("external target {endpoint}")).await;
 }
 
 #[tokio::test]
