@@ -1,4 +1,6 @@
-//! Target 3: the cost of `LockLayer` in an axum app on the in-memory backend.
+//! Section 3: the cost of `LockLayer` in an axum app on the in-memory backend. Information
+//! only, without a target: on GCS every lock costs two network round trips, which dwarf what
+//! is measured here, and no user sees the in-memory figure.
 //!
 //! Two apps serve `GET /k/{key}` with the same handler on 127.0.0.1: `bare` without the layer,
 //! `layer` with `route_layer(LockLayer::new(client, FromPathParam::new("key")))`. A load loop
@@ -156,14 +158,14 @@ pub async fn run(plan: &Plan) -> Result<(Vec<Figure>, Vec<String>)> {
             rps[1],
             Some(rps[0]),
             "req/s",
-            Goal::RatioAtLeast(0.85),
+            Goal::Info,
         ),
         Figure::new(
             format!("layer_rps local fast path 409, {} conns", plan.connections),
             rps[3],
             Some(rps[2]),
             "req/s",
-            Goal::RatioAtLeast(0.90),
+            Goal::Info,
         ),
     ];
     let notes = vec![

@@ -16,10 +16,10 @@ pub type Result<T, E = BoxError> = std::result::Result<T, E>;
 /// What a figure must satisfy; `met` is computed from the measurement with it.
 #[derive(Debug, Clone, Copy)]
 pub enum Goal {
+    /// No target: the figure is information, neither met nor missed.
+    Info,
     /// ours / baseline ≤ x
     RatioAtMost(f64),
-    /// ours / baseline ≥ x
-    RatioAtLeast(f64),
     /// ours ≤ x (in the figure's unit)
     AtMost(f64),
     /// ours == x
@@ -27,12 +27,13 @@ pub enum Goal {
 }
 
 impl Goal {
-    fn describe(self, unit: &str) -> String {
+    /// The target in words; `None` for [`Goal::Info`].
+    fn describe(self, unit: &str) -> Option<String> {
         match self {
-            Goal::RatioAtMost(x) => format!("ratio <= {x}"),
-            Goal::RatioAtLeast(x) => format!("ratio >= {x}"),
-            Goal::AtMost(x) => format!("ours <= {x} {unit}"),
-            Goal::Equals(x) => format!("ours == {x}"),
+            Goal::Info => None,
+            Goal::RatioAtMost(x) => Some(format!("ratio <= {x}")),
+            Goal::AtMost(x) => Some(format!("ours <= {x} {unit}")),
+            Goal::Equals(x) => Some(format!("ours == {x}")),
         }
     }
 }
@@ -45,8 +46,11 @@ pub struct Figure {
     pub baseline: Option<f64>,
     pub unit: &'static str,
     pub ratio: Option<f64>,
-    pub target: String,
-    pub met: bool,
+    /// The target in words; `None` for an information figure.
+    pub target: Option<String>,
+    /// Whether the target was met; `None` for an information figure (whether or not it was
+    /// measured).
+    pub met: Option<bool>,
     /// Why the figure was not measured (skipped or failed), if so.
     pub missing: Option<String>,
 }
@@ -62,10 +66,10 @@ impl Figure {
     ) -> Self {
         let ratio = baseline.filter(|b| *b != 0.0).map(|b| ours / b);
         let met = match goal {
-            Goal::RatioAtMost(x) => ratio.is_some_and(|r| r <= x),
-            Goal::RatioAtLeast(x) => ratio.is_some_and(|r| r >= x),
-            Goal::AtMost(x) => ours <= x,
-            Goal::Equals(x) => ours == x,
+            Goal::Info => None,
+            Goal::RatioAtMost(x) => Some(ratio.is_some_and(|r| r <= x)),
+            Goal::AtMost(x) => Some(ours <= x),
+            Goal::Equals(x) => Some(ours == x),
         };
         Self {
             metric: metric.into(),
@@ -79,7 +83,8 @@ impl Figure {
         }
     }
 
-    /// A figure that could not be measured; it counts as not met.
+    /// A figure that could not be measured; it counts as not met (an information figure stays
+    /// without a verdict).
     pub fn missing(
         metric: impl Into<String>,
         unit: &'static str,
@@ -93,7 +98,7 @@ impl Figure {
             unit,
             ratio: None,
             target: goal.describe(unit),
-            met: false,
+            met: (!matches!(goal, Goal::Info)).then_some(false),
             missing: Some(why.into()),
         }
     }
@@ -151,8 +156,13 @@ pub fn table(figures: &[Figure]) -> String {
                 show(f.baseline),
                 f.unit.to_owned(),
                 show(f.ratio),
-                f.target.clone(),
-                if f.met { "yes" } else { "NO" }.to_owned(),
+                f.target.clone().unwrap_or_else(|| "-".into()),
+                match f.met {
+                    None => "info",
+                    Some(true) => "yes",
+                    Some(false) => "NO",
+                }
+                .to_owned(),
             ]
         })
         .collect();
@@ -291,11 +301,23 @@ pub fn cpu_between(a: &CpuSample, b: &CpuSample) -> Duration {
     }
 }
 
+/// The total and the system (kernel) CPU time between two samples by /proc/PID/stat (10 ms
+/// resolution).
+pub fn stat_times(a: &CpuSample, b: &CpuSample) -> (Duration, Duration) {
+    (
+        b.stat.saturating_sub(a.stat),
+        b.stat_sys.saturating_sub(a.stat_sys),
+    )
+}
+
 /// The share of system (kernel) time in the CPU time between two samples (10 ms resolution).
 pub fn sys_share(a: &CpuSample, b: &CpuSample) -> f64 {
-    let total = b.stat.saturating_sub(a.stat).as_secs_f64();
-    let sys = b.stat_sys.saturating_sub(a.stat_sys).as_secs_f64();
-    if total > 0.0 { sys / total } else { f64::NAN }
+    let (total, sys) = stat_times(a, b);
+    if total.is_zero() {
+        f64::NAN
+    } else {
+        sys.as_secs_f64() / total.as_secs_f64()
+    }
 }
 
 pub fn self_cpu() -> io::Result<CpuSample> {
