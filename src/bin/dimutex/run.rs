@@ -102,69 +102,99 @@ async fn supervise(
     args: &RunArgs,
     signals: &mut Signals,
 ) -> Result<u8, Failure> {
-    let token = guard.token();
+    match watch(&mut child, &guard, signals).await {
+        Watched::Exited(status) => {
+            let status = status.map_err(|e| {
+                Failure::new(
+                    exit::UNAVAILABLE,
+                    format!("cannot wait for the command: {e}"),
+                )
+            })?;
+            Ok(release_after_exit(key, guard, status_code(status), args).await)
+        }
+        Watched::Lost => {
+            stop_after_lost(&mut child, key, &guard, args, signals).await;
+            let token = guard.token();
+            let released = guard.release().await;
+            let why = explain(client, key, token, released).await;
+            eprintln!("dimutex: lost the lock {:?}: {why}", key.as_str());
+            Ok(exit::LOST)
+        }
+    }
+}
+
+/// How the command's run under the lock ended.
+enum Watched {
+    /// The command exited while the lease was ours.
+    Exited(std::io::Result<std::process::ExitStatus>),
+    /// The lease is lost (or as good as lost) while the command still runs.
+    Lost,
+}
+
+/// Waits for the command to exit or the lease to be lost, forwarding signals meanwhile.
+async fn watch(child: &mut Child, guard: &LockGuard, signals: &mut Signals) -> Watched {
     let mut lost = guard.lost();
-    let waited = loop {
+    loop {
         // Past this, the lease may be taken over soon: if no refresh has moved it on by then,
         // the lease is as good as lost, whether or not the client has said so yet (it does at
         // ttl/10 before the takeover, which can be later than this for a short ttl).
-        let cutoff = kill_deadline(&guard);
+        let cutoff = kill_deadline(guard);
         tokio::select! {
-            status = child.wait() => break Some(status),
-            () = &mut lost => break None,
+            status = child.wait() => return Watched::Exited(status),
+            () = &mut lost => return Watched::Lost,
             () = tokio::time::sleep_until(cutoff.into()) => {
-                if Instant::now() >= kill_deadline(&guard) {
+                if Instant::now() >= kill_deadline(guard) {
                     tracing::debug!("no refresh succeeded in time; stopping the command");
-                    break None;
+                    return Watched::Lost;
                 }
             }
-            sig = signals.recv() => forward(&child, sig),
+            sig = signals.recv() => forward(child, sig),
         }
-    };
-    let Some(status) = waited else {
-        // The lease is gone while the command still runs: stop it, and kill it before anyone
-        // else can take the lock over, whatever --grace says.
-        let now = Instant::now();
-        let latest = kill_deadline(&guard);
-        let kill_at = now
-            .checked_add(args.grace)
-            .map_or(latest, |t| t.min(latest));
-        let grace = kill_at.saturating_duration_since(now);
-        let (when, overdue) = if grace >= args.grace {
-            let secs = args.grace.as_secs_f64();
-            (
-                format!("SIGKILL after {secs} s"),
-                format!("did not exit within {secs} s of SIGTERM"),
-            )
-        } else {
-            (
-                format!(
-                    "SIGKILL {}, before another owner can take the lock over",
-                    in_secs(grace)
-                ),
-                "is still running and the lease may soon be taken over".to_owned(),
-            )
-        };
-        eprintln!(
-            "dimutex: lost the lease on lock {:?} while the command was running; sending it \
-             SIGTERM ({when})",
-            key.as_str(),
-        );
-        let status = terminate(&mut child, kill_at, &overdue, signals).await;
-        tracing::debug!(?status, "the command exited after the lost lease");
-        let released = guard.release().await;
-        let why = explain(client, key, token, released).await;
-        eprintln!("dimutex: lost the lock {:?}: {why}", key.as_str());
-        return Ok(exit::LOST);
-    };
-    let status = status.map_err(|e| {
-        Failure::new(
-            exit::UNAVAILABLE,
-            format!("cannot wait for the command: {e}"),
+    }
+}
+
+/// Stops a command whose lease is gone: SIGTERM, then SIGKILL after `--grace` or before
+/// another owner can take the lock over, whichever comes first.
+async fn stop_after_lost(
+    child: &mut Child,
+    key: &LockKey,
+    guard: &LockGuard,
+    args: &RunArgs,
+    signals: &mut Signals,
+) {
+    let now = Instant::now();
+    let latest = kill_deadline(guard);
+    let kill_at = now
+        .checked_add(args.grace)
+        .map_or(latest, |t| t.min(latest));
+    let grace = kill_at.saturating_duration_since(now);
+    let (when, overdue) = if grace >= args.grace {
+        let secs = args.grace.as_secs_f64();
+        (
+            format!("SIGKILL after {secs} s"),
+            format!("did not exit within {secs} s of SIGTERM"),
         )
-    })?;
-    let mut code = status_code(status);
-    tracing::debug!(%status, code, "the command exited; releasing");
+    } else {
+        (
+            format!(
+                "SIGKILL {}, before another owner can take the lock over",
+                in_secs(grace)
+            ),
+            "is still running and the lease may soon be taken over".to_owned(),
+        )
+    };
+    eprintln!(
+        "dimutex: lost the lease on lock {:?} while the command was running; sending it \
+         SIGTERM ({when})",
+        key.as_str(),
+    );
+    let status = terminate(child, kill_at, &overdue, signals).await;
+    tracing::debug!(?status, "the command exited after the lost lease");
+}
+
+/// Releases the lock after the command exited with `code`; the exit code of `dimutex`.
+async fn release_after_exit(key: &LockKey, guard: LockGuard, code: u8, args: &RunArgs) -> u8 {
+    tracing::debug!(code, "the command exited; releasing");
     match guard.release().await {
         Ok(true) => tracing::debug!("released"),
         Ok(false) => {
@@ -175,7 +205,7 @@ async fn supervise(
                  command exited (status {code})",
                 key.as_str()
             );
-            code = exit::LOST;
+            return exit::LOST;
         }
         Err(e) => eprintln!(
             "dimutex: warning: could not release lock {:?}: {e}; it expires within {} s",
@@ -183,7 +213,7 @@ async fn supervise(
             exit::ceil_secs(args.ttl)
         ),
     }
-    Ok(code)
+    code
 }
 
 /// The latest moment the command may live after a lost lease: [`TAKEOVER_SAFETY`] before the
