@@ -19,7 +19,6 @@ use crate::pending::{Pending, Ticket};
 use crate::protocol::acquire::{self, Acquired, Mode, Trace};
 use crate::protocol::refresh::Known;
 use crate::protocol::{Protocol, Settings, WallClock};
-use crate::token::FencingToken;
 
 /// A distributed lock client: cheap to clone, shared by all tasks of a process.
 ///
@@ -353,18 +352,13 @@ impl Client {
     ) -> LockGuard {
         let s = self.inner.protocol.settings();
         let Acquired { state, sent, .. } = acquired;
-        let token = FencingToken::from_generation(state.version().generation());
-        let lease = Arc::new(Lease::new(key, name, owner, token, sent, s.ttl, s.margin()));
+        let known = Known::new(state.version(), sent);
+        let lease = Lease::new(key, name, owner, known, s.ttl, s.margin(), ticket);
+        let lease = Arc::new(lease);
         let local = &self.inner.local;
         local.insert(lease.clone());
-        let known = Known::new(state.version(), sent);
-        driver.send(Job::Keep(Kept::new(
-            lease.clone(),
-            known,
-            local.clone(),
-            ticket,
-        )));
-        LockGuard::new(lease)
+        driver.send(Job::Keep(Kept::new(lease.clone(), local.clone(), sent)));
+        LockGuard::new(lease, driver.clone())
     }
 
     /// "Held" for a waiter whose deadline passed in the local queue.
@@ -383,7 +377,11 @@ impl Inner {
         match &*driver {
             Some(handle) if !handle.is_closed() => handle.clone(),
             _ => {
-                let handle = driver::spawn(self.protocol.clone(), self.shutdown.subscribe());
+                let handle = driver::spawn(
+                    self.protocol.clone(),
+                    self.local.clone(),
+                    self.shutdown.subscribe(),
+                );
                 *driver = Some(handle.clone());
                 handle
             }

@@ -18,19 +18,19 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
-use std::time::Instant;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
 
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use tokio::sync::{mpsc, watch};
 
 use crate::error::Error;
-use crate::lease::{Cause, Lease, ReleaseReply};
+use crate::lease::{Cause, Lease};
 use crate::local::Local;
 use crate::pending::Ticket;
 use crate::protocol::Protocol;
 use crate::protocol::cleanup::clean_up;
-use crate::protocol::refresh::{Known, Refreshed, refresh};
+use crate::protocol::refresh::{Refreshed, refresh};
 use crate::protocol::release::release;
 
 /// Work for the driver.
@@ -47,30 +47,17 @@ pub(crate) enum Job {
 }
 
 /// A lease in the driver's care. Dropped (its work done, or its runtime stopped), it leaves
-/// the local registry, is marked lost if it was not over yet, and gives back its ticket.
+/// the local registry, is marked lost if it was not over yet, and is finished.
 pub(crate) struct Kept {
     lease: Arc<Lease>,
-    known: Known,
     local: Arc<Local>,
-    /// `None` once finished.
-    ticket: Option<Ticket>,
+    /// When the lease's first write was sent.
+    sent: Instant,
 }
 
 impl Kept {
-    pub(crate) fn new(lease: Arc<Lease>, known: Known, local: Arc<Local>, ticket: Ticket) -> Self {
-        Self {
-            lease,
-            known,
-            local,
-            ticket: Some(ticket),
-        }
-    }
-
-    /// The lease is over: out of the local registry, and no longer counted.
-    fn finish(&mut self) {
-        self.local.remove(&self.lease);
-        self.lease.finish();
-        self.ticket = None;
+    pub(crate) fn new(lease: Arc<Lease>, local: Arc<Local>, sent: Instant) -> Self {
+        Self { lease, local, sent }
     }
 }
 
@@ -79,14 +66,50 @@ impl Drop for Kept {
         if self.lease.lose(Cause::DriverStopped) {
             tracing::warn!(target: "dimutex", key_id = crate::key_id(self.lease.key()), "lease lost: the runtime of the lease driver stopped");
         }
-        self.finish();
+        finish(&self.local, &self.lease);
     }
 }
 
-/// Where jobs are sent to a running driver.
+/// The lease is over: out of the local registry, and no longer counted.
+fn finish(local: &Local, lease: &Arc<Lease>) {
+    local.remove(lease);
+    lease.finish();
+}
+
+/// Releases `lease` (after the write in flight, if there is one): the conditional delete,
+/// then the lease is finished. What a guard's `release` runs in its caller's task, and the
+/// driver for a dropped guard, or at shutdown once the lease is marked lost.
+pub(crate) async fn release_lease(
+    p: &Protocol,
+    local: &Local,
+    lease: &Arc<Lease>,
+) -> Result<bool, Error> {
+    let mut known = lease.writer().await;
+    if lease.is_finished() {
+        return lease.outcome_when_finished();
+    }
+    // A lost lease stays lost: `released` only ends a live one.
+    lease.released();
+    let result = release(p, lease.name(), lease.owner(), &mut known).await;
+    let key_id = crate::key_id(lease.key());
+    match &result {
+        Ok(held) => tracing::debug!(target: "dimutex", key_id, held, "released"),
+        Err(e) => {
+            tracing::warn!(target: "dimutex", key_id, error = %e, "release failed; the lock will expire")
+        }
+    }
+    // Finished before the answer: the caller of `release` finds the key free here.
+    finish(local, lease);
+    result
+}
+
+/// Where jobs are sent to a running driver, and what a guard needs to release its lease
+/// itself.
 #[derive(Clone)]
 pub(crate) struct DriverHandle {
     jobs: mpsc::UnboundedSender<Job>,
+    protocol: Arc<Protocol>,
+    local: Arc<Local>,
 }
 
 impl DriverHandle {
@@ -100,13 +123,26 @@ impl DriverHandle {
     pub(crate) fn send(&self, job: Job) {
         let _ = self.jobs.send(job);
     }
+
+    /// Releases `lease` from the caller's task; see [`release_lease`].
+    pub(crate) async fn release(&self, lease: &Arc<Lease>) -> Result<bool, Error> {
+        release_lease(&self.protocol, &self.local, lease).await
+    }
 }
 
 /// Starts a driver on the current runtime.
-pub(crate) fn spawn(p: Arc<Protocol>, shutdown: watch::Receiver<bool>) -> DriverHandle {
+pub(crate) fn spawn(
+    protocol: Arc<Protocol>,
+    local: Arc<Local>,
+    shutdown: watch::Receiver<bool>,
+) -> DriverHandle {
     let (jobs, rx) = mpsc::unbounded_channel();
-    tokio::spawn(run(p, rx, shutdown));
-    DriverHandle { jobs }
+    tokio::spawn(run(protocol.clone(), rx, shutdown));
+    DriverHandle {
+        jobs,
+        protocol,
+        local,
+    }
 }
 
 type Work = Pin<Box<dyn Future<Output = ()> + Send>>;
@@ -141,7 +177,7 @@ async fn run(
 enum Step {
     Wait,
     Refresh,
-    Release(ReleaseReply),
+    Release,
     Revoke,
     Expire,
     /// Ran out: not refreshed any more, and deleted (conditionally) once its guard goes.
@@ -149,44 +185,50 @@ enum Step {
     Over,
 }
 
+/// Refreshes are due on a grid of this step, so that the driver wakes once for all the
+/// leases whose refresh falls in one step, not once for each.
+const GRID: Duration = Duration::from_millis(100);
+
+/// `at`, rounded down to the refresh grid.
+fn on_grid(at: Instant) -> Instant {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    let epoch = *EPOCH.get_or_init(Instant::now);
+    let steps = at.saturating_duration_since(epoch).as_nanos() / GRID.as_nanos();
+    epoch + GRID * u32::try_from(steps).unwrap_or(u32::MAX)
+}
+
 /// Keeps one lease until it is over.
-async fn keep(p: Arc<Protocol>, mut kept: Kept, mut shutdown: watch::Receiver<bool>) {
+async fn keep(p: Arc<Protocol>, kept: Kept, mut shutdown: watch::Receiver<bool>) {
     let interval = p.settings().refresh_interval;
+    let lease = &kept.lease;
     // The first refresh of each lease comes at a random point of its first interval: leases
     // taken together are not refreshed together ever after.
-    let mut refresh_at = kept.known.sent + interval.mul_f64(rand::random_range(0.25..=1.0));
+    let mut refresh_at = on_grid(kept.sent + interval.mul_f64(rand::random_range(0.25..=1.0)));
     let mut step = Step::Wait;
     loop {
         step = match step {
-            Step::Wait => wait(&kept, refresh_at, &mut shutdown).await,
+            Step::Wait => wait(lease, refresh_at, &mut shutdown).await,
             Step::Refresh => {
-                let (next, at) = refresh_step(&p, &mut kept, &mut shutdown).await;
-                refresh_at = at;
+                let (next, at) = refresh_step(&p, lease, &mut shutdown).await;
+                refresh_at = on_grid(at);
                 next
             }
-            Step::Release(reply) => {
-                // A lost lease stays lost: `released` only ends a live one.
-                kept.lease.released();
-                let result = release_step(&p, &mut kept).await;
-                // Finished before the answer: the caller of `release` finds the key free here.
-                kept.finish();
-                if let Some(reply) = reply {
-                    let _ = reply.send(result);
-                }
+            Step::Release => {
+                let _ = release_lease(&p, &kept.local, lease).await;
                 Step::Over
             }
             Step::Revoke => {
-                kept.lease.lose(Cause::Revoked);
-                let _ = release_step(&p, &mut kept).await;
+                lease.lose(Cause::Revoked);
+                let _ = release_lease(&p, &kept.local, lease).await;
                 Step::Over
             }
             Step::Expire => {
-                if kept.lease.lose(Cause::DeadlinePassed) {
-                    tracing::warn!(target: "dimutex", key_id = crate::key_id(kept.lease.key()), "lease lost: no refresh succeeded before its deadline");
+                if lease.lose(Cause::DeadlinePassed) {
+                    tracing::warn!(target: "dimutex", key_id = crate::key_id(lease.key()), "lease lost: no refresh succeeded before its deadline");
                 }
                 Step::Lost
             }
-            Step::Lost => lost(&kept, &mut shutdown).await,
+            Step::Lost => lost(lease, &mut shutdown).await,
             Step::Over => return,
         }
     }
@@ -195,23 +237,27 @@ async fn keep(p: Arc<Protocol>, mut kept: Kept, mut shutdown: watch::Receiver<bo
 /// A lease that ran out waits for its guard (or shutdown) before its conditional delete: by
 /// then the backend may answer again, and a refresh of ours whose outcome we never learned is
 /// resolved by it. The lost signal has fired already.
-async fn lost(kept: &Kept, shutdown: &mut watch::Receiver<bool>) -> Step {
+async fn lost(lease: &Lease, shutdown: &mut watch::Receiver<bool>) -> Step {
     tokio::select! {
         biased;
         () = shut_down(shutdown) => Step::Revoke,
-        reply = kept.lease.release_asked() => Step::Release(reply),
+        () = lease.finished() => Step::Over,
+        () = lease.release_asked() => Step::Release,
     }
 }
 
-/// Waits for whatever comes first: shutdown, the guard's release, the deadline, the refresh.
-async fn wait(kept: &Kept, refresh_at: Instant, shutdown: &mut watch::Receiver<bool>) -> Step {
-    let deadline = kept.lease.deadline();
+/// Waits for whatever comes first: shutdown, the guard's release (done by the guard, or
+/// asked of us by a dropped one), the deadline, the refresh.
+async fn wait(lease: &Lease, refresh_at: Instant, shutdown: &mut watch::Receiver<bool>) -> Step {
+    let deadline = lease.deadline();
     tokio::select! {
         biased;
         () = shut_down(shutdown) => Step::Revoke,
-        reply = kept.lease.release_asked() => Step::Release(reply),
-        () = tokio::time::sleep_until(deadline.into()) => Step::Expire,
-        () = tokio::time::sleep_until(refresh_at.into()) => Step::Refresh,
+        () = lease.finished() => Step::Over,
+        () = lease.release_asked() => Step::Release,
+        () = tokio::time::sleep_until(deadline.min(refresh_at).into()) => {
+            if Instant::now() >= deadline { Step::Expire } else { Step::Refresh }
+        }
     }
 }
 
@@ -219,14 +265,22 @@ async fn wait(kept: &Kept, refresh_at: Instant, shutdown: &mut watch::Receiver<b
 /// lost at once (the refresh then finishes, and the lease is released).
 async fn refresh_step(
     p: &Protocol,
-    kept: &mut Kept,
+    lease: &Lease,
     shutdown: &mut watch::Receiver<bool>,
 ) -> (Step, Instant) {
-    let Kept { lease, known, .. } = kept;
+    let mut known = lease.writer().await;
+    if lease.is_finished() {
+        return (Step::Over, Instant::now());
+    }
+    if lease.is_over() {
+        // Released by a guard whose `release` was dropped before it finished: it has asked
+        // for the release, which `Lost` takes up.
+        return (Step::Lost, Instant::now());
+    }
     let deadline = lease.deadline();
     let mut revoked = false;
     let refreshed = {
-        let refreshing = refresh(p, lease.name(), lease.owner(), known, deadline);
+        let refreshing = refresh(p, lease.name(), lease.owner(), &mut known, deadline);
         tokio::pin!(refreshing);
         loop {
             tokio::select! {
@@ -256,20 +310,6 @@ async fn refresh_step(
         Refreshed::Failed if revoked => (Step::Revoke, retry_at),
         Refreshed::Failed => (Step::Wait, retry_at),
     }
-}
-
-/// The conditional delete of a lease that is over, logged.
-async fn release_step(p: &Protocol, kept: &mut Kept) -> Result<bool, Error> {
-    let Kept { lease, known, .. } = kept;
-    let result = release(p, lease.name(), lease.owner(), known).await;
-    let key_id = crate::key_id(lease.key());
-    match &result {
-        Ok(held) => tracing::debug!(target: "dimutex", key_id, held, "released"),
-        Err(e) => {
-            tracing::warn!(target: "dimutex", key_id, error = %e, "release failed; the lock will expire")
-        }
-    }
-    result
 }
 
 /// Resolves once the client shuts down (never, if the client is gone: its guards release

@@ -7,11 +7,10 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
-use tokio::sync::oneshot;
-
+use crate::driver::DriverHandle;
 use crate::error::Error;
 use crate::key::LockKey;
-use crate::lease::{Cause, Lease};
+use crate::lease::Lease;
 use crate::token::FencingToken;
 
 /// A held lock. Dropping it releases the lock in the background.
@@ -24,11 +23,9 @@ use crate::token::FencingToken;
 /// [`token`](Self::token) to whatever you protect.
 ///
 /// Dropping the guard hands the release to the client's background work (no task is spawned
-/// and nothing blocks in `Drop`); with a backend that answers at once, such as the in-memory
-/// one, the release is done in `drop` itself (on a tokio runtime, no refresh in flight), so
-/// the lock is free when `drop` returns.
-/// [`release`](Self::release) sends the delete and waits for the outcome;
-/// [`Client::shutdown`](crate::Client::shutdown) waits for all pending releases.
+/// and nothing blocks in `Drop`). [`release`](Self::release) sends the delete from the
+/// caller's task and waits for the outcome; [`Client::shutdown`](crate::Client::shutdown)
+/// waits for all pending releases.
 ///
 /// ```
 /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), dimutex::Error> {
@@ -45,14 +42,16 @@ use crate::token::FencingToken;
 #[must_use = "dropping the guard releases the lock at once"]
 pub struct LockGuard {
     held: HeldLock,
-    /// Its release has been asked for.
+    driver: DriverHandle,
+    /// Its release has begun.
     released: bool,
 }
 
 impl LockGuard {
-    pub(crate) fn new(lease: Arc<Lease>) -> Self {
+    pub(crate) fn new(lease: Arc<Lease>, driver: DriverHandle) -> Self {
         Self {
             held: HeldLock { lease },
+            driver,
             released: false,
         }
     }
@@ -152,8 +151,9 @@ impl LockGuard {
     /// error is returned and expiry frees the lock. A lease the client
     /// gave up at [`Client::shutdown`](crate::Client::shutdown) is [`Error::ShutDown`].
     ///
-    /// The lease driver sends the delete (after the refresh in flight, if one is). Dropping
-    /// this future before it completes is safe: the release goes on, as for a dropped guard.
+    /// The delete is sent from the caller's task, after the refresh in flight if one is.
+    /// Dropping this future before it completes is safe: the lease driver then releases the
+    /// lock, as for a dropped guard.
     ///
     /// ```
     /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), dimutex::Error> {
@@ -164,11 +164,21 @@ impl LockGuard {
     /// ```
     pub async fn release(mut self) -> Result<bool, Error> {
         self.released = true;
-        let (tx, rx) = oneshot::channel();
-        match self.held.lease.ask_release(Some(tx)) {
-            Ok(()) => rx.await.unwrap_or(Err(Error::ShutDown)),
-            Err(Some(Cause::Refused | Cause::DeadlinePassed)) => Ok(false),
-            Err(_) => Err(Error::ShutDown),
+        let mut handoff = Handoff(Some(&self.held.lease));
+        let result = self.driver.release(&self.held.lease).await;
+        handoff.0 = None;
+        result
+    }
+}
+
+/// Hands the release of a guard whose `release` future is dropped before it finished to the
+/// lease driver.
+struct Handoff<'a>(Option<&'a Arc<Lease>>);
+
+impl Drop for Handoff<'_> {
+    fn drop(&mut self) {
+        if let Some(lease) = self.0 {
+            lease.ask_release();
         }
     }
 }
@@ -176,8 +186,8 @@ impl LockGuard {
 impl Drop for LockGuard {
     fn drop(&mut self) {
         if !self.released {
-            // Only a message to the lease driver: no spawn, no blocking.
-            let _ = self.held.lease.ask_release(None);
+            // Only a flag for the lease driver: no spawn, no blocking.
+            self.held.lease.ask_release();
         }
     }
 }

@@ -4,15 +4,12 @@
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use tokio::sync::oneshot;
-
 use crate::error::Error;
 use crate::key::{LockKey, ObjectName};
+use crate::pending::Ticket;
+use crate::protocol::refresh::Known;
 use crate::signal::Signal;
 use crate::token::FencingToken;
-
-/// Where the lease driver sends the outcome of a release, if anyone waits for it.
-pub(crate) type ReleaseReply = Option<oneshot::Sender<Result<bool, Error>>>;
 
 /// Why a lease was lost.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -36,14 +33,6 @@ enum End {
     Lost(Cause),
 }
 
-/// A release asked for by the guard, waiting for the driver.
-enum Release {
-    NotAsked,
-    Asked(ReleaseReply),
-    /// Taken up by the driver.
-    Taken,
-}
-
 impl State {
     fn cause(&self) -> Option<Cause> {
         match self.end {
@@ -57,9 +46,12 @@ struct State {
     /// The send time of our last successful write plus the ttl.
     expires_at: Instant,
     end: End,
-    release: Release,
-    /// The driver is done with it (a release's delete has been answered, say).
+    /// A dropped guard asked the driver for the release.
+    release_asked: bool,
+    /// Nothing of it is in flight any more (a release's delete has been answered, say).
     finished: bool,
+    /// Counts the lease as the client's unfinished work until it is finished.
+    ticket: Option<Ticket>,
 }
 
 pub(crate) struct Lease {
@@ -72,36 +64,48 @@ pub(crate) struct Lease {
     /// How long before `expires_at` the holder stops believing in the lease.
     margin: Duration,
     state: Mutex<State>,
+    /// What we know of the lock object. Whoever writes it (a refresh, a release) holds
+    /// this lock for the whole write, so that writes of one lease never overlap.
+    known: tokio::sync::Mutex<Known>,
     /// Notified when the release is asked for and when the lease ends.
     changed: Signal,
 }
 
 impl Lease {
-    /// A lease whose first write was sent at `sent`.
+    /// A lease whose first write, sent at `known.sent`, made `known.version` (whose
+    /// generation is the fencing token).
     pub(crate) fn new(
         key: LockKey,
         name: ObjectName,
         owner: Arc<str>,
-        token: FencingToken,
-        sent: Instant,
+        known: Known,
         ttl: Duration,
         margin: Duration,
+        ticket: Ticket,
     ) -> Self {
         Self {
             key,
             name,
             owner,
-            token,
+            token: FencingToken::from_generation(known.version.generation()),
             ttl,
             margin,
             state: Mutex::new(State {
-                expires_at: sent + ttl,
+                expires_at: known.sent + ttl,
                 end: End::Live,
-                release: Release::NotAsked,
+                release_asked: false,
                 finished: false,
+                ticket: Some(ticket),
             }),
+            known: tokio::sync::Mutex::new(known),
             changed: Signal::default(),
         }
+    }
+
+    /// The right to write the lock object, and what we know of it: waits for a write in
+    /// flight.
+    pub(crate) async fn writer(&self) -> tokio::sync::MutexGuard<'_, Known> {
+        self.known.lock().await
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
@@ -183,31 +187,15 @@ impl Lease {
         was_live
     }
 
-    /// The guard asks for the release. Refused once the driver is done with the lease (then
-    /// nobody will answer `reply`): `Err` with the cause it was lost for, if any.
-    pub(crate) fn ask_release(&self, reply: ReleaseReply) -> Result<(), Option<Cause>> {
-        {
-            let mut state = self.state();
-            if state.finished {
-                return Err(state.cause());
-            }
-            if matches!(state.release, Release::NotAsked) {
-                state.release = Release::Asked(reply);
-            }
-        }
+    /// A dropped guard asks the driver for the release.
+    pub(crate) fn ask_release(&self) {
+        self.state().release_asked = true;
         self.changed.notify();
-        Ok(())
     }
 
-    /// Resolves once the guard asks for the release; its reply channel, taken.
-    pub(crate) async fn release_asked(&self) -> ReleaseReply {
-        self.changed
-            .wait_until(|| matches!(self.state().release, Release::Asked(_)))
-            .await;
-        match std::mem::replace(&mut self.state().release, Release::Taken) {
-            Release::Asked(reply) => reply,
-            _ => None,
-        }
+    /// Resolves once a dropped guard has asked for the release.
+    pub(crate) async fn release_asked(&self) {
+        self.changed.wait_until(|| self.state().release_asked).await
     }
 
     /// Resolves once the lease is lost or has ended.
@@ -215,31 +203,33 @@ impl Lease {
         self.changed.wait_until(|| self.is_over()).await
     }
 
-    /// The driver is done with the lease: nothing of it is in flight any more.
-    /// A release asked for and not taken up (the lease ended another way first) is answered
-    /// here: `false` for a lease someone else changed or that ran out, "shut down" for one the
-    /// client gave up.
+    /// Nothing of the lease is in flight any more: it no longer counts as the client's work.
     pub(crate) fn finish(&self) {
-        let unanswered = {
+        let ticket = {
             let mut state = self.state();
             state.finished = true;
-            match std::mem::replace(&mut state.release, Release::Taken) {
-                Release::Asked(Some(reply)) => Some((reply, state.cause())),
-                _ => None,
-            }
+            state.ticket.take()
         };
-        if let Some((reply, cause)) = unanswered {
-            let _ = reply.send(match cause {
-                Some(Cause::Refused | Cause::DeadlinePassed) => Ok(false),
-                _ => Err(Error::ShutDown),
-            });
-        }
+        drop(ticket);
         self.changed.notify();
     }
 
-    /// Resolves once the driver is done with the lease.
+    pub(crate) fn is_finished(&self) -> bool {
+        self.state().finished
+    }
+
+    /// What a release asked of a lease finished another way answers: `false` for a lease
+    /// someone else changed or that ran out, "shut down" for one the client gave up.
+    pub(crate) fn outcome_when_finished(&self) -> Result<bool, Error> {
+        match self.state().cause() {
+            Some(Cause::Revoked | Cause::DriverStopped) => Err(Error::ShutDown),
+            _ => Ok(false),
+        }
+    }
+
+    /// Resolves once the lease is finished.
     pub(crate) async fn finished(&self) {
-        self.changed.wait_until(|| self.state().finished).await
+        self.changed.wait_until(|| self.is_finished()).await
     }
 }
 
@@ -247,14 +237,15 @@ impl Lease {
 impl Lease {
     /// A lease on `name` whose first write was sent at `sent`: ttl 30 s, margin 3 s.
     pub(crate) fn for_test(name: &str, sent: Instant) -> Self {
+        let pending = Arc::new(crate::pending::Pending::default());
         Self::new(
             LockKey::new("k").unwrap(),
             name.into(),
             "test#1".into(),
-            FencingToken::from_generation(1),
-            sent,
+            Known::new(crate::backend::Version::new(1, 1), sent),
             Duration::from_secs(30),
             Duration::from_secs(3),
+            pending.enter().unwrap(),
         )
     }
 }
@@ -287,32 +278,45 @@ mod tests {
     }
 
     #[test]
-    fn lost_once_and_a_release_asked_after_it_is_answered_at_the_finish() {
+    fn lost_once_and_a_release_of_a_finished_lease_answers_by_its_cause() {
         let l = lease(Instant::now());
         assert!(l.lose(Cause::DeadlinePassed));
         assert!(!l.lose(Cause::Refused), "the first cause stays");
         assert!(!l.is_healthy());
-        // Lost, not finished: the driver still deletes it when the guard asks.
-        let (tx, mut rx) = oneshot::channel();
-        assert_eq!(l.ask_release(Some(tx)), Ok(()));
-        // Finished another way first: the request is answered, and later ones refused.
         l.finish();
-        assert!(!rx.try_recv().unwrap().unwrap(), "ran out: not ours");
-        assert_eq!(l.ask_release(None), Err(Some(Cause::DeadlinePassed)));
+        assert!(!l.outcome_when_finished().unwrap(), "ran out: not ours");
+        let revoked = lease(Instant::now());
+        revoked.lose(Cause::Revoked);
+        assert!(matches!(
+            revoked.outcome_when_finished(),
+            Err(Error::ShutDown)
+        ));
     }
 
     #[tokio::test]
-    async fn a_release_asked_reaches_the_driver_with_its_reply() {
-        let l = lease(Instant::now());
-        let (tx, mut rx) = oneshot::channel();
-        l.ask_release(Some(tx)).unwrap();
-        let reply = l.release_asked().await.expect("the reply channel");
-        reply.send(Ok(true)).unwrap();
-        assert!(rx.try_recv().unwrap().unwrap());
+    async fn a_release_asked_and_the_end_reach_their_waiters_and_the_ticket_goes() {
+        let pending = Arc::new(crate::pending::Pending::default());
+        let l = Lease::new(
+            LockKey::new("k").unwrap(),
+            "dimutex/k".into(),
+            "test#1".into(),
+            Known::new(crate::backend::Version::new(1, 1), Instant::now()),
+            Duration::from_secs(30),
+            Duration::from_secs(3),
+            pending.enter().unwrap(),
+        );
+        assert_eq!(pending.count(), 1);
+        l.ask_release();
+        l.release_asked().await;
         l.released();
         l.over().await;
+        assert!(!l.is_finished());
         l.finish();
         l.finished().await;
-        assert_eq!(l.ask_release(None), Err(None));
+        assert_eq!(
+            pending.count(),
+            0,
+            "a finished lease is no longer pending work"
+        );
     }
 }
