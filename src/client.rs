@@ -357,7 +357,7 @@ impl Client {
         let lease = Arc::new(lease);
         let local = &self.inner.local;
         local.insert(lease.clone());
-        driver.send(Job::Keep(Kept::new(lease.clone(), local.clone(), sent)));
+        driver.keep(Kept::new(lease.clone(), local.clone(), sent));
         LockGuard::new(lease, driver.clone())
     }
 

@@ -33,10 +33,10 @@ use crate::protocol::cleanup::clean_up;
 use crate::protocol::refresh::{Refreshed, refresh};
 use crate::protocol::release::release;
 
-/// Work for the driver.
+/// Work for the driver, besides new leases.
 pub(crate) enum Job {
-    /// A lease just taken, to keep.
-    Keep(Kept),
+    /// Take the new leases in now: a dropped guard asks for its release.
+    TakeIn,
     /// An acquisition abandoned while a write of it may have landed: delete our object, if
     /// it is there.
     CleanUp {
@@ -107,6 +107,7 @@ pub(crate) async fn release_lease(
 /// itself.
 #[derive(Clone)]
 pub(crate) struct DriverHandle {
+    fresh: mpsc::UnboundedSender<Kept>,
     jobs: mpsc::UnboundedSender<Job>,
     protocol: Arc<Protocol>,
     local: Arc<Local>,
@@ -118,10 +119,21 @@ impl DriverHandle {
         self.jobs.is_closed()
     }
 
-    /// Hands `job` over; a job the driver can no longer take is dropped (a lease then counts
-    /// as lost, and an abandoned write is left to expire).
+    /// Hands `job` over; a job the driver can no longer take is dropped (an abandoned write
+    /// is then left to expire).
     pub(crate) fn send(&self, job: Job) {
         let _ = self.jobs.send(job);
+    }
+
+    /// Hands a new lease over, to be taken in at the driver's next intake; one the driver can
+    /// no longer take is dropped, and counts as lost.
+    pub(crate) fn keep(&self, kept: Kept) {
+        let _ = self.fresh.send(kept);
+    }
+
+    /// Has the driver take its new leases in now (a dropped guard's among them).
+    pub(crate) fn take_in(&self) {
+        self.send(Job::TakeIn);
     }
 
     /// Releases `lease` from the caller's task; see [`release_lease`].
@@ -136,9 +148,11 @@ pub(crate) fn spawn(
     local: Arc<Local>,
     shutdown: watch::Receiver<bool>,
 ) -> DriverHandle {
-    let (jobs, rx) = mpsc::unbounded_channel();
-    tokio::spawn(run(protocol.clone(), rx, shutdown));
+    let (jobs, jobs_rx) = mpsc::unbounded_channel();
+    let (fresh, fresh_rx) = mpsc::unbounded_channel();
+    tokio::spawn(run(protocol.clone(), jobs_rx, fresh_rx, shutdown));
     DriverHandle {
+        fresh,
         jobs,
         protocol,
         local,
@@ -148,16 +162,37 @@ pub(crate) fn spawn(
 type Work = Pin<Box<dyn Future<Output = ()> + Send>>;
 
 /// Runs jobs until every handle is gone and every job is done.
+///
+/// A new lease needs nothing of the driver before its first refresh (a quarter of a refresh
+/// interval away at the soonest), and most leases are released by their guards before that:
+/// the driver takes new leases in at most once per [`GRID`], so that a lock taken and
+/// released costs it no wake-up. A dropped guard (whose release the driver sends) and
+/// shutdown have it take them in at once.
 async fn run(
     p: Arc<Protocol>,
     mut jobs: mpsc::UnboundedReceiver<Job>,
+    mut fresh: mpsc::UnboundedReceiver<Kept>,
     shutdown: watch::Receiver<bool>,
 ) {
     let mut work: FuturesUnordered<Work> = FuturesUnordered::new();
+    let start = |kept| -> Work { Box::pin(keep(p.clone(), kept, shutdown.clone())) };
+    let take_in = |fresh: &mut mpsc::UnboundedReceiver<Kept>, work: &mut FuturesUnordered<Work>| {
+        while let Ok(kept) = fresh.try_recv() {
+            work.push(start(kept));
+        }
+    };
+    // `Some`: new leases wait until then.
+    let mut next_intake: Option<Instant> = None;
+    let mut stopping = shutdown.clone();
+    let mut shutting_down = false;
     loop {
+        let intake_at = next_intake.unwrap_or_else(Instant::now);
         tokio::select! {
             job = jobs.recv() => match job {
-                Some(Job::Keep(kept)) => work.push(Box::pin(keep(p.clone(), kept, shutdown.clone()))),
+                Some(Job::TakeIn) => {
+                    take_in(&mut fresh, &mut work);
+                    next_intake = None;
+                }
                 Some(Job::CleanUp { name, owner, ticket }) => {
                     let p = p.clone();
                     work.push(Box::pin(async move {
@@ -167,9 +202,25 @@ async fn run(
                 }
                 None => break,
             },
+            Some(kept) = fresh.recv(), if next_intake.is_none() => {
+                work.push(start(kept));
+                if !shutting_down {
+                    next_intake = Some(Instant::now() + GRID);
+                }
+            }
+            () = tokio::time::sleep_until(intake_at.into()), if next_intake.is_some() => {
+                take_in(&mut fresh, &mut work);
+                next_intake = None;
+            }
+            () = shut_down(&mut stopping), if !shutting_down => {
+                shutting_down = true;
+                take_in(&mut fresh, &mut work);
+                next_intake = None;
+            }
             Some(()) = work.next(), if !work.is_empty() => {}
         }
     }
+    take_in(&mut fresh, &mut work);
     while work.next().await.is_some() {}
 }
 
@@ -209,17 +260,18 @@ async fn keep(p: Arc<Protocol>, kept: Kept, mut shutdown: watch::Receiver<bool>)
         step = match step {
             Step::Wait => wait(lease, refresh_at, &mut shutdown).await,
             Step::Refresh => {
-                let (next, at) = refresh_step(&p, lease, &mut shutdown).await;
+                // Boxed, as the releases below: a waiting lease's future stays small.
+                let (next, at) = Box::pin(refresh_step(&p, lease, &mut shutdown)).await;
                 refresh_at = on_grid(at);
                 next
             }
             Step::Release => {
-                let _ = release_lease(&p, &kept.local, lease).await;
+                let _ = Box::pin(release_lease(&p, &kept.local, lease)).await;
                 Step::Over
             }
             Step::Revoke => {
                 lease.lose(Cause::Revoked);
-                let _ = release_lease(&p, &kept.local, lease).await;
+                let _ = Box::pin(release_lease(&p, &kept.local, lease)).await;
                 Step::Over
             }
             Step::Expire => {

@@ -164,21 +164,27 @@ impl LockGuard {
     /// ```
     pub async fn release(mut self) -> Result<bool, Error> {
         self.released = true;
-        let mut handoff = Handoff(Some(&self.held.lease));
+        let mut handoff = Handoff(Some((&self.held.lease, &self.driver)));
         let result = self.driver.release(&self.held.lease).await;
         handoff.0 = None;
         result
     }
 }
 
+/// Asks the lease driver for the release: only a flag and a message, no spawn, no blocking.
+fn hand_over(lease: &Lease, driver: &DriverHandle) {
+    lease.ask_release();
+    driver.take_in();
+}
+
 /// Hands the release of a guard whose `release` future is dropped before it finished to the
 /// lease driver.
-struct Handoff<'a>(Option<&'a Arc<Lease>>);
+struct Handoff<'a>(Option<(&'a Arc<Lease>, &'a DriverHandle)>);
 
 impl Drop for Handoff<'_> {
     fn drop(&mut self) {
-        if let Some(lease) = self.0 {
-            lease.ask_release();
+        if let Some((lease, driver)) = self.0 {
+            hand_over(lease, driver);
         }
     }
 }
@@ -186,8 +192,7 @@ impl Drop for Handoff<'_> {
 impl Drop for LockGuard {
     fn drop(&mut self) {
         if !self.released {
-            // Only a flag for the lease driver: no spawn, no blocking.
-            self.held.lease.ask_release();
+            hand_over(&self.held.lease, &self.driver);
         }
     }
 }
