@@ -165,8 +165,8 @@ type Work = Pin<Box<dyn Future<Output = ()> + Send>>;
 ///
 /// A new lease needs nothing of the driver before its first refresh (a quarter of a refresh
 /// interval away at the soonest), and most leases are released by their guards before that:
-/// the driver takes new leases in at most once per [`GRID`], so that a lock taken and
-/// released costs it no wake-up. A dropped guard (whose release the driver sends) and
+/// the driver takes new leases in at most once per [`INTAKE`], so that a lock taken and
+/// released costs it no wake-up (and a lease released by then, no work at all). A dropped guard (whose release the driver sends) and
 /// shutdown have it take them in at once.
 async fn run(
     p: Arc<Protocol>,
@@ -178,7 +178,10 @@ async fn run(
     let start = |kept| -> Work { Box::pin(keep(p.clone(), kept, shutdown.clone())) };
     let take_in = |fresh: &mut mpsc::UnboundedReceiver<Kept>, work: &mut FuturesUnordered<Work>| {
         while let Ok(kept) = fresh.try_recv() {
-            work.push(start(kept));
+            // A lease its guard has released already is done with as it is dropped.
+            if !kept.lease.is_finished() {
+                work.push(start(kept));
+            }
         }
     };
     // `Some`: new leases wait until then.
@@ -205,7 +208,7 @@ async fn run(
             Some(kept) = fresh.recv(), if next_intake.is_none() => {
                 work.push(start(kept));
                 if !shutting_down {
-                    next_intake = Some(Instant::now() + GRID);
+                    next_intake = Some(Instant::now() + INTAKE);
                 }
             }
             () = tokio::time::sleep_until(intake_at.into()), if next_intake.is_some() => {
@@ -235,6 +238,11 @@ enum Step {
     Lost,
     Over,
 }
+
+/// How long new leases may wait for the driver to take them in: far less than the soonest
+/// first refresh (a quarter of a refresh interval), and long enough for the leases taken and
+/// released meanwhile to cost the driver nothing.
+const INTAKE: Duration = Duration::from_millis(10);
 
 /// Refreshes are due on a grid of this step, so that the driver wakes once for all the
 /// leases whose refresh falls in one step, not once for each.

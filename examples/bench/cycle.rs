@@ -300,6 +300,8 @@ struct CpuRun {
     /// /proc/PID/stat's total and system times (10 ms resolution), for the system share.
     stat: Duration,
     stat_sys: Duration,
+    /// Heap allocations made meanwhile (all threads).
+    allocations: usize,
 }
 
 impl CpuRun {
@@ -307,6 +309,7 @@ impl CpuRun {
         self.cpu += other.cpu;
         self.stat += other.stat;
         self.stat_sys += other.stat_sys;
+        self.allocations += other.allocations;
     }
 
     fn sys_share(&self) -> f64 {
@@ -324,14 +327,15 @@ where
     F: Fn(usize) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = Result<Duration>> + Send + 'static,
 {
-    let before = util::self_cpu()?;
+    let (before, allocations) = (util::self_cpu()?, util::allocations());
     run_workers(concurrency, cycles / concurrency, runner).await?;
-    let after = util::self_cpu()?;
+    let (after, allocations) = (util::self_cpu()?, util::allocations() - allocations);
     let (stat, stat_sys) = util::stat_times(&before, &after);
     Ok(CpuRun {
         cpu: util::cpu_between(&before, &after),
         stat,
         stat_sys,
+        allocations,
     })
 }
 
@@ -482,7 +486,7 @@ pub async fn cpu(
         )
     });
     let note = format!(
-        "cpu c={concurrency} on {}: {cycles} cycles each, ours and the floor alternating in {rounds} rounds; raw reqwest floor (same 2 requests) {:.1} us/cycle multi-thread ({:.0}% sys), {:.1} current-thread ({:.0}% sys); ours {:.0}% sys (multi-thread) / {:.0}% (current-thread); {python_note}{of_python}",
+        "cpu c={concurrency} on {}: {cycles} cycles each, ours and the floor alternating in {rounds} rounds; raw reqwest floor (same 2 requests) {:.1} us/cycle multi-thread ({:.0}% sys), {:.1} current-thread ({:.0}% sys); ours {:.0}% sys (multi-thread) / {:.0}% (current-thread); allocations per cycle: floor {:.1} / {:.1}, ours {:.1} / {:.1}; {python_note}{of_python}",
         target.label,
         per(floor_mt.cpu),
         pct(floor_mt.sys_share()),
@@ -490,6 +494,10 @@ pub async fn cpu(
         pct(floor_ct.sys_share()),
         pct(ours_mt.sys_share()),
         pct(ours_ct.sys_share()),
+        floor_mt.allocations as f64 / cycles as f64,
+        floor_ct.allocations as f64 / cycles as f64,
+        ours_mt.allocations as f64 / cycles as f64,
+        ours_ct.allocations as f64 / cycles as f64,
     );
     Ok((figures, note))
 }
