@@ -98,6 +98,46 @@ async fn a_dropped_acquisition_does_not_leak_its_landed_create() {
     assert_eq!(objects(&fake), 0);
 }
 
+/// A create delayed on its way to the server (not only its reply): it times out, the
+/// acquisition then finds the lock held by another and gives up. The read that showed the
+/// other's lock used to count as "ours never landed", so nothing was cleaned up; once the
+/// other released, our late create landed and blocked the key for the whole ttl. Now the
+/// abandoned create is looked for again after a pause, and deleted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_create_delayed_in_transit_is_cleaned_up_when_it_lands_after_a_refusal() {
+    let fake = FakeGcs::start().await.unwrap();
+    let a = Client::new(backend(&fake).await);
+    let b = Client::new(backend(&fake).await);
+    let held = a.try_acquire("k").await.unwrap();
+    // B's create reaches the store 7 s after it was sent, 2 s after B's 5 s timeout.
+    fake.inject(FaultRule::new(Fault::Delay(Duration::from_secs(7))).with_method(Method::POST));
+    // With the defaults the timeout spends the retry budget: unavailable (held, with a
+    // longer budget); either way, B does not have the lock.
+    let refused = b.try_acquire("k").await;
+    assert!(
+        matches!(refused, Err(Error::Held { .. } | Error::Unavailable { .. })),
+        "{refused:?}"
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(held.release().await.unwrap());
+    let until = Instant::now() + Duration::from_secs(20);
+    let mut landed = false;
+    loop {
+        let names = fake.object_names(FakeGcs::DEFAULT_BUCKET);
+        landed |= !names.is_empty();
+        if landed && names.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < until,
+            "B's late create (landed: {landed}) was never cleaned up: {names:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    b.shutdown(Duration::from_secs(10)).await.unwrap();
+    a.shutdown(Duration::from_secs(10)).await.unwrap();
+}
+
 /// Hole 8: a local waiter woken by shutdown's releases used to go on and create its lock
 /// after `shutdown` had returned `Ok`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -789,3 +789,24 @@ async fn poll_ready_is_delegated() {
         assert_eq!(status, expected, "{}", String::from_utf8_lossy(key));
     }
 }
+
+/// `wait_up_to(Duration::MAX)` ("wait as long as it takes") does not panic on a request.
+#[tokio::test(flavor = "current_thread")]
+async fn an_unbounded_wait_does_not_panic() {
+    use tower::ServiceExt;
+    let client = dimutex::Client::new(dimutex::backend::MemoryBackend::new());
+    let app = axum::Router::new()
+        .route("/jobs/{id}", axum::routing::post(|| async { "ran" }))
+        .route_layer(
+            dimutex::layer::LockLayer::new(
+                client.clone(),
+                dimutex::layer::FromPathParam::new("id"),
+            )
+            .wait_up_to(std::time::Duration::MAX),
+        );
+    let request = http::Request::post("/jobs/a")
+        .body(axum::body::Body::empty())
+        .unwrap();
+    let response = app.oneshot(request).await.unwrap();
+    assert_eq!(response.status(), http::StatusCode::OK);
+}

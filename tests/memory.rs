@@ -812,3 +812,28 @@ async fn a_dropped_guard_is_released_at_once_not_at_the_next_intake() {
     assert!(first.release().await.unwrap());
     client.shutdown(Duration::from_secs(5)).await.unwrap();
 }
+
+/// Durations past what the clock can count (`Duration::MAX` for "no limit") are taken as
+/// far in the future: an acquisition, a contended one and a release never panic.
+#[tokio::test(flavor = "current_thread")]
+async fn unbounded_durations_do_not_panic() {
+    use dimutex::{Backoff, RetryPolicy};
+    use std::time::Duration;
+    let backend = MemoryBackend::new();
+    let unbounded = || {
+        dimutex::Client::builder(backend.clone())
+            .retry(RetryPolicy::new(
+                Backoff::new(Duration::from_millis(1), Duration::MAX, 2.0).unwrap(),
+                Duration::MAX,
+            ))
+            .poll(Backoff::new(Duration::from_millis(1), Duration::MAX, 2.0).unwrap())
+            .build()
+            .unwrap()
+    };
+    let (a, b) = (unbounded(), unbounded());
+    let guard = a.try_acquire("k").await.unwrap();
+    assert!(b.try_acquire("k").await.unwrap_err().is_held());
+    assert!(guard.release().await.unwrap());
+    a.shutdown(Duration::from_secs(5)).await.unwrap();
+    b.shutdown(Duration::from_secs(5)).await.unwrap();
+}

@@ -136,7 +136,7 @@ where
         let acquisition: Acquire = Box::pin(async move {
             let mode = match wait {
                 None => Mode::Try,
-                Some(wait) => Mode::WaitUntil(Instant::now() + wait),
+                Some(wait) => Mode::WaitUntil(crate::protocol::after(wait)),
             };
             client.acquire_named(key, name?, mode).await
         });

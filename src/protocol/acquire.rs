@@ -175,7 +175,7 @@ impl<'a> Acquisition<'a> {
     /// When retries of one request stop: the policy's budget from now, or the deadline.
     fn give_up_at(&self) -> Instant {
         match self.mode {
-            Mode::Try => Instant::now() + self.p.settings().retry.max_elapsed(),
+            Mode::Try => super::after(self.p.settings().retry.max_elapsed()),
             Mode::WaitUntil(deadline) => deadline,
         }
     }
@@ -250,13 +250,12 @@ impl<'a> Acquisition<'a> {
         let reply = a.result.map_err(|e| p.failure(e))?;
         let server_now = reply.server_time();
         match reply.into_value() {
-            None => {
-                self.trace.may_have_landed = false;
-                self.absent_lock().await
-            }
+            // Neither answer rules a write of ours out: one delayed on its way to the server
+            // may land later (once the object is gone). `may_have_landed` stays set, and an
+            // acquisition that ends without the lock leaves a clean-up behind.
+            None => self.absent_lock().await,
             Some(state) if object::owner_of(&state) == Some(self.owner) => Ok(self.ours(state)),
             Some(state) => {
-                self.trace.may_have_landed = false;
                 self.confirming = false;
                 self.absent = None;
                 match self.verdict(&state, server_now) {
@@ -293,7 +292,7 @@ impl<'a> Acquisition<'a> {
             // out of the poll cap, not on top of it.
             self.confirming = true;
             let s = self.p.settings();
-            let mut until = Instant::now() + jitter(s.poll.min());
+            let mut until = super::after(jitter(s.poll.min()));
             if let Some(look) = self.held_look {
                 until = until.min(look + s.poll.max());
             }
@@ -386,17 +385,14 @@ impl<'a> Acquisition<'a> {
                     Next::Step(_) => Err(e),
                 }
             }
-            Ok(_) => {
-                self.trace.may_have_landed = false;
-                Err(e)
-            }
-            Err(_) => Err(e),
+            // Not there, or another's: ours may still land; the caller cleans up.
+            _ => Err(e),
         }
     }
 
     /// Sleeps for `pause`, but not past the deadline.
     async fn sleep(&self, pause: Duration) {
-        self.sleep_until(Instant::now() + pause).await
+        self.sleep_until(super::after(pause)).await
     }
 
     async fn sleep_until(&self, mut until: Instant) {

@@ -6,8 +6,8 @@ use super::Protocol;
 use crate::backend::{BackendError, Reply};
 use crate::object;
 
-/// How many times an absent object is read again: a write whose future was dropped may
-/// still be on its way to the server.
+/// How many times the object is read while it is absent or another's: a write whose future
+/// was dropped may still be on its way to the server, and land once the object is gone.
 const LOOKS: usize = 2;
 
 /// Deletes `name` if `owner` (one acquisition's owner id, never reused) holds it. Gives up
@@ -16,20 +16,17 @@ pub(crate) async fn clean_up(p: &Protocol, name: &str, owner: &str) {
     for look in 1..=LOOKS {
         let read = p.send_within_policy(|| p.backend().inspect(name)).await;
         let state = match read.result.map(Reply::into_value) {
-            Ok(Some(state)) => state,
-            Ok(None) if look < LOOKS => {
+            Ok(Some(state)) if object::owner_of(&state) == Some(owner) => state,
+            Ok(_) if look < LOOKS => {
                 tokio::time::sleep(p.settings().request_timeout).await;
                 continue;
             }
-            Ok(None) => return,
+            Ok(_) => return,
             Err(e) => {
                 tracing::debug!(target: "dimutex", error = %e, "clean-up read failed; the lock will expire");
                 return;
             }
         };
-        if object::owner_of(&state) != Some(owner) {
-            return;
-        }
         let version = state.version();
         let deleted = p
             .send_within_policy(|| p.backend().release(name, version))

@@ -109,3 +109,11 @@ impl Protocol {
 pub(crate) fn jitter(max: Duration) -> Duration {
     max.mul_f64(rand::random_range(0.0..=1.0))
 }
+
+/// `d` from now, or far in the future when that is past what the clock can count (a timeout
+/// or budget of `Duration::MAX` means "no limit"): never a panic.
+pub(crate) fn after(d: Duration) -> Instant {
+    const FAR: Duration = Duration::from_secs(100 * 365 * 86_400);
+    let now = Instant::now();
+    now.checked_add(d.min(FAR)).unwrap_or(now)
+}

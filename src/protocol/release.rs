@@ -35,7 +35,7 @@ pub(crate) async fn release(
     // after the create meets GCS's limit of one mutation per second per object.
     let s = p.settings();
     let deadline = known.sent + s.ttl - s.margin();
-    let give_up_at = deadline.max(Instant::now() + s.retry.max_elapsed());
+    let give_up_at = deadline.max(super::after(s.retry.max_elapsed()));
     let mut ambiguous = false;
     for _ in 0..REREADS {
         let version = known.version;

@@ -68,7 +68,7 @@ impl Protocol {
             }
             ambiguous |= !throttled;
             let delay = self.pause_after(&e, delays.next_delay());
-            if (throttled && on_429 == On429::GiveUp) || Instant::now() + delay > give_up_at {
+            if (throttled && on_429 == On429::GiveUp) || super::after(delay) > give_up_at {
                 return Attempted {
                     result: Err(e),
                     ambiguous,
@@ -86,7 +86,7 @@ impl Protocol {
         F: FnMut() -> Fut,
         Fut: Future<Output = Result<T, BackendError>>,
     {
-        let give_up_at = Instant::now() + self.settings.retry.max_elapsed();
+        let give_up_at = super::after(self.settings.retry.max_elapsed());
         self.send(op, give_up_at, On429::Retry).await
     }
 

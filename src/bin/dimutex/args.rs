@@ -155,6 +155,9 @@ pub struct ReleaseArgs {
 }
 
 /// Parses a non-negative number of seconds, fractions allowed (`2`, `0.5`).
+/// The longest duration an option takes: about 31 years.
+const MAX_SECS: f64 = 1e9;
+
 fn parse_secs(s: &str) -> Result<Duration, String> {
     let secs: f64 = s
         .trim()
@@ -162,6 +165,9 @@ fn parse_secs(s: &str) -> Result<Duration, String> {
         .map_err(|_| format!("{s:?} is not a number of seconds"))?;
     if !secs.is_finite() || secs < 0.0 {
         return Err(format!("{s:?} is not a non-negative number of seconds"));
+    }
+    if secs > MAX_SECS {
+        return Err(format!("{s:?}: at most {MAX_SECS} seconds"));
     }
     Duration::try_from_secs_f64(secs).map_err(|e| format!("{s:?}: {e}"))
 }
@@ -183,5 +189,8 @@ mod tests {
         assert!(parse_secs("-1").is_err());
         assert!(parse_secs("nan").is_err());
         assert!(parse_secs("x").is_err());
+        // Past what the clock can count: refused, not a panic when the deadline is made.
+        assert!(parse_secs("1e19").is_err());
+        assert!(parse_secs("1e9").is_ok());
     }
 }
