@@ -39,7 +39,7 @@ use crate::token::FencingToken;
 /// assert!(still_held);
 /// # Ok(()) }
 /// ```
-#[must_use = "dropping the guard releases the lock at once"]
+#[must_use = "dropping the guard releases the lock"]
 pub struct LockGuard {
     held: HeldLock,
     driver: DriverHandle,

@@ -837,3 +837,65 @@ async fn unbounded_durations_do_not_panic() {
     a.shutdown(Duration::from_secs(5)).await.unwrap();
     b.shutdown(Duration::from_secs(5)).await.unwrap();
 }
+
+/// A lock that always looks expired and is always changed again before our takeover (a
+/// peer that keeps writing it, say): every create and takeover is refused with 412.
+#[derive(Debug, Default)]
+struct AlwaysChanging {
+    generation: std::sync::atomic::AtomicI64,
+}
+
+impl Backend for AlwaysChanging {
+    fn create<'a>(&'a self, _: &'a str, _: &'a Metadata) -> Written<'a> {
+        Box::pin(std::future::ready(Err(BackendError::PreconditionFailed)))
+    }
+
+    fn inspect<'a>(
+        &'a self,
+        _: &'a str,
+    ) -> BoxFuture<'a, Result<Reply<Option<ObjectState>>, BackendError>> {
+        use std::sync::atomic::Ordering;
+        let generation = self.generation.fetch_add(1, Ordering::SeqCst) + 1;
+        let now = std::time::SystemTime::now();
+        let long_ago = now - std::time::Duration::from_secs(3600);
+        let md = Metadata::from([("ttl".into(), "1".into()), ("owner".into(), "peer".into())]);
+        let state = ObjectState::new(Version::new(generation, 1), long_ago, md);
+        Box::pin(async move {
+            // A reply takes a poll, as over a network: the test's timeout can fire.
+            tokio::task::yield_now().await;
+            Ok(Reply::new(Some(state), Some(now)))
+        })
+    }
+
+    fn takeover<'a>(&'a self, _: &'a str, _: Version, _: &'a Metadata) -> Written<'a> {
+        Box::pin(std::future::ready(Err(BackendError::PreconditionFailed)))
+    }
+
+    fn refresh<'a>(&'a self, _: &'a str, _: Version, _: &'a Metadata) -> Written<'a> {
+        Box::pin(std::future::ready(Err(BackendError::PreconditionFailed)))
+    }
+
+    fn release<'a>(
+        &'a self,
+        _: &'a str,
+        _: Version,
+    ) -> BoxFuture<'a, Result<Reply<()>, BackendError>> {
+        Box::pin(std::future::ready(Err(BackendError::PreconditionFailed)))
+    }
+}
+
+/// A fail-fast acquisition gives up after a few rounds of "expired, but changed before our
+/// takeover" instead of looping for as long as the peer keeps writing.
+#[tokio::test(flavor = "current_thread")]
+async fn a_try_on_a_lock_that_keeps_changing_gives_up() {
+    use std::time::Duration;
+    let backend = Arc::new(AlwaysChanging::default());
+    let client = dimutex::Client::new(backend.clone());
+    let tried = tokio::time::timeout(Duration::from_secs(5), client.try_acquire("k"))
+        .await
+        .expect("try_acquire returned");
+    assert!(tried.unwrap_err().is_held());
+    let reads = backend.generation.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(reads <= 10, "{reads} reads for one try");
+    client.shutdown(Duration::from_secs(5)).await.unwrap();
+}

@@ -84,8 +84,7 @@ where
                     Some(Ok(_)) => body.is_end_stream(),
                 };
                 if done {
-                    // Dropping the guard releases the lock (in place with an in-process
-                    // backend, by the client's lease driver otherwise).
+                    // Dropping the guard has the client's lease driver release the lock.
                     this.guard.take();
                 }
                 Poll::Ready(frame)

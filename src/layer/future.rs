@@ -160,8 +160,7 @@ where
     S: Service<Request<ReqBody>>,
     R: OnRejection,
 {
-    /// The response to `request` after `acquisition`, from `inner` (polled ready): called at
-    /// once when the acquisition is over (a lock taken in place, or refused); else `inner`
+    /// The response to `request` after `acquisition`, from `inner` (polled ready): `inner`
     /// moves into the future, to be called once the acquisition's future is over, and a clone
     /// takes its place.
     pub(crate) fn new(

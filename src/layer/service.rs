@@ -17,10 +17,10 @@ use super::settings::Settings;
 
 /// The service made by [`LockLayer`](super::LockLayer); see the [module docs](super).
 ///
-/// The inner service polled ready serves the next request that reaches it: called at once when
-/// the lock is taken in place, moved into the response future (a clone taking its place) when
-/// the acquisition waits, and kept, still ready, when the request is answered without it (a bad
-/// key, a lock held elsewhere), so capacity that readiness reserved (a concurrency limit's
+/// The inner service polled ready serves the next request that reaches it: moved into the
+/// response future (a clone taking its place) while the lock is acquired, and kept, still
+/// ready, when the request is answered without it (a bad key, a lock held in this process),
+/// so capacity that readiness reserved (a concurrency limit's
 /// permit, say) stays reserved for the next request.
 ///
 /// ```

@@ -34,8 +34,9 @@ pub(crate) enum Mode {
     WaitUntil(Instant),
 }
 
-/// In try mode, how many times the lock may vanish between our create and our inspect
-/// before we report it as held (a hot key changing hands under us).
+/// In try mode, how many times the lock may vanish between our create and our inspect, or be
+/// found expired and changed again before our takeover, before we report it as held (a hot
+/// key changing hands under us, or a peer that keeps writing a lock that looks expired).
 const TRY_ROUNDS: usize = 4;
 
 /// What an acquisition has written, for whoever must clean up after it.
@@ -259,7 +260,13 @@ impl<'a> Acquisition<'a> {
                 self.confirming = false;
                 self.absent = None;
                 match self.verdict(&state, server_now) {
-                    Verdict::Expired => Ok(Next::Step(Step::Takeover(state.version()))),
+                    Verdict::Expired => {
+                        self.rounds += 1;
+                        if matches!(self.mode, Mode::Try) && self.rounds > TRY_ROUNDS {
+                            return Err(Error::Held { remaining: None });
+                        }
+                        Ok(Next::Step(Step::Takeover(state.version())))
+                    }
                     Verdict::Held { remaining } => self.held(remaining, read_sent).await,
                 }
             }

@@ -11,8 +11,11 @@ use tokio::signal::unix::{Signal, SignalKind, signal};
 use crate::args::RunArgs;
 use crate::exit::{self, Failure};
 
-/// How long the final releases may take before their leases are left to expire.
-const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long the final releases, and the clean-up of an abandoned acquisition, may take
+/// before their locks are left to expire. A clean-up with the default settings (5 s request
+/// timeout and retry budget) reads, pauses a request timeout for a write still on its way,
+/// reads again and deletes: 20 s at the worst.
+const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(20);
 /// How long the status read that explains a lost lease may take.
 const EXPLAIN_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long before the lease could be taken over ([`LockGuard::expires_at`]) the command is
