@@ -260,13 +260,12 @@ impl<'a> Acquisition<'a> {
                 self.confirming = false;
                 self.absent = None;
                 match self.verdict(&state, server_now) {
-                    Verdict::Expired => {
-                        self.rounds += 1;
-                        if matches!(self.mode, Mode::Try) && self.rounds > TRY_ROUNDS {
-                            return Err(Error::Held { remaining: None });
-                        }
-                        Ok(Next::Step(Step::Takeover(state.version())))
+                    Verdict::Expired
+                        if matches!(self.mode, Mode::Try) && self.try_rounds_spent() =>
+                    {
+                        Err(Error::Held { remaining: None })
                     }
+                    Verdict::Expired => Ok(Next::Step(Step::Takeover(state.version()))),
                     Verdict::Held { remaining } => self.held(remaining, read_sent).await,
                 }
             }
@@ -307,9 +306,8 @@ impl<'a> Acquisition<'a> {
             return Ok(Next::Step(Step::Inspect));
         }
         self.confirming = false;
-        self.rounds += 1;
         let give_up = match self.mode {
-            Mode::Try => self.rounds >= TRY_ROUNDS,
+            Mode::Try => self.try_rounds_spent(),
             Mode::WaitUntil(deadline) => Instant::now() >= deadline,
         };
         if give_up {
@@ -395,6 +393,13 @@ impl<'a> Acquisition<'a> {
             // Not there, or another's: ours may still land; the caller cleans up.
             _ => Err(e),
         }
+    }
+
+    /// Counts one more round of a fail-fast try (the lock vanished under us, or was found
+    /// expired and changed before our takeover); whether the try's rounds are spent.
+    fn try_rounds_spent(&mut self) -> bool {
+        self.rounds += 1;
+        self.rounds >= TRY_ROUNDS
     }
 
     /// Sleeps for `pause`, but not past the deadline.
