@@ -39,13 +39,17 @@
 //! # Ok(()) }
 //! ```
 
+mod api;
 mod fault;
 mod multipart;
+mod request_log;
+mod serve;
 mod server;
 mod wire;
 
 pub use fault::{Fault, FaultRule};
-pub use server::{FakeGcs, FakeGcsBuilder, LoggedRequest};
+pub use request_log::LoggedRequest;
+pub use server::{FakeGcs, FakeGcsBuilder};
 
 #[cfg(all(test, feature = "gcs"))]
 mod tests;
