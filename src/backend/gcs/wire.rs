@@ -1,6 +1,7 @@
 //! What GCS sends and expects on the wire: object resources, error replies, headers,
 //! percent-encoded names and precondition queries.
 
+use std::borrow::Cow;
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
@@ -106,29 +107,38 @@ pub(super) fn server_time(headers: &HeaderMap) -> Option<SystemTime> {
 
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
-struct ObjectResource {
+struct ObjectResource<'a> {
     #[serde(deserialize_with = "int64")]
     generation: i64,
     #[serde(default, deserialize_with = "opt_int64")]
     metageneration: Option<i64>,
-    updated: Option<String>,
-    time_created: Option<String>,
+    #[serde(borrow)]
+    updated: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    time_created: Option<Cow<'a, str>>,
     #[serde(default)]
     metadata: Option<Metadata>,
 }
 
 /// GCS sends int64 fields as JSON strings; some emulators send numbers.
 fn int64<'de, D: serde::Deserializer<'de>>(d: D) -> Result<i64, D::Error> {
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum Int {
-        S(String),
-        N(i64),
+    struct Int64;
+    impl serde::de::Visitor<'_> for Int64 {
+        type Value = i64;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("an int64 as a string or a number")
+        }
+        fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<i64, E> {
+            s.parse().map_err(E::custom)
+        }
+        fn visit_i64<E: serde::de::Error>(self, n: i64) -> Result<i64, E> {
+            Ok(n)
+        }
+        fn visit_u64<E: serde::de::Error>(self, n: u64) -> Result<i64, E> {
+            i64::try_from(n).map_err(E::custom)
+        }
     }
-    match Int::deserialize(d)? {
-        Int::N(n) => Ok(n),
-        Int::S(s) => s.parse().map_err(serde::de::Error::custom),
-    }
+    d.deserialize_any(Int64)
 }
 
 fn opt_int64<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<i64>, D::Error> {
@@ -142,7 +152,7 @@ pub(super) fn parse_object(
     body: &[u8],
     missing_metageneration: Option<i64>,
 ) -> Result<ObjectState, BackendError> {
-    let resource: ObjectResource =
+    let resource: ObjectResource<'_> =
         serde_json::from_slice(body).map_err(|e| BackendError::Fatal {
             status: None,
             message: format!("malformed object resource: {e}"),
@@ -207,14 +217,11 @@ pub(super) fn push_segment(out: &mut String, name: &str) {
     }
 }
 
-/// Appends the write preconditions as query parameters (`?` or `&` as the URL needs).
-pub(super) fn push_preconditions(url: &mut String, generation: i64, metageneration: Option<i64>) {
-    use std::fmt::Write;
-    let sep = if url.contains('?') { '&' } else { '?' };
-    // Writing to a `String` cannot fail.
-    let _ = write!(url, "{sep}ifGenerationMatch={generation}");
-    if let Some(m) = metageneration {
-        let _ = write!(url, "&ifMetagenerationMatch={m}");
+/// The write preconditions as a query string.
+pub(super) fn preconditions(generation: i64, metageneration: Option<i64>) -> String {
+    match metageneration {
+        Some(m) => format!("ifGenerationMatch={generation}&ifMetagenerationMatch={m}"),
+        None => format!("ifGenerationMatch={generation}"),
     }
 }
 
@@ -227,15 +234,11 @@ mod tests {
         assert_eq!(encode_segment("dimutex/a b+c"), "dimutex%2Fa%20b%2Bc");
         assert_eq!(encode_segment("ü"), "%C3%BC");
         assert_eq!(encode_segment("a-b.c_d~e"), "a-b.c_d~e");
-        let mut url = "http://h/o/x".to_owned();
-        push_preconditions(&mut url, 7, Some(2));
         assert_eq!(
-            url,
-            "http://h/o/x?ifGenerationMatch=7&ifMetagenerationMatch=2"
+            preconditions(7, Some(2)),
+            "ifGenerationMatch=7&ifMetagenerationMatch=2"
         );
-        let mut url = "http://h/o?uploadType=multipart".to_owned();
-        push_preconditions(&mut url, 0, None);
-        assert_eq!(url, "http://h/o?uploadType=multipart&ifGenerationMatch=0");
+        assert_eq!(preconditions(0, None), "ifGenerationMatch=0");
     }
 
     #[test]
@@ -254,6 +257,13 @@ mod tests {
         .unwrap();
         assert_eq!(n.version(), Version::new(5, 1));
         assert!(parse_object(b"{}", None).is_err());
+        for bad in [
+            &br#"{"generation":"5x","metageneration":"1","updated":"2026-11-26T06:22:41Z"}"#[..],
+            br#"{"generation":true,"metageneration":"1","updated":"2026-11-26T06:22:41Z"}"#,
+            br#"{"generation":18446744073709551615,"updated":"2026-11-26T06:22:41Z"}"#,
+        ] {
+            assert!(parse_object(bad, Some(1)).is_err());
+        }
         let no_metageneration = br#"{"generation":5,"updated":"2026-11-26T06:22:41Z"}"#;
         assert!(parse_object(no_metageneration, None).is_err());
         let patched = parse_object(
