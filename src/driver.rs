@@ -176,8 +176,13 @@ async fn run(
 ) {
     let mut work: FuturesUnordered<Work> = FuturesUnordered::new();
     let start = |kept| -> Work { Box::pin(keep(p.clone(), kept, shutdown.clone())) };
-    let take_in = |fresh: &mut mpsc::UnboundedReceiver<Kept>, work: &mut FuturesUnordered<Work>| {
-        while let Ok(kept) = fresh.try_recv() {
+    // The lease whose arrival set the intake's time, taken in with the rest.
+    let mut first: Option<Kept> = None;
+    let take_in = |first: &mut Option<Kept>,
+                   fresh: &mut mpsc::UnboundedReceiver<Kept>,
+                   work: &mut FuturesUnordered<Work>| {
+        let arrived = first.take().into_iter();
+        for kept in arrived.chain(std::iter::from_fn(|| fresh.try_recv().ok())) {
             // A lease its guard has released already is done with as it is dropped.
             if !kept.lease.is_finished() {
                 work.push(start(kept));
@@ -193,7 +198,7 @@ async fn run(
         tokio::select! {
             job = jobs.recv() => match job {
                 Some(Job::TakeIn) => {
-                    take_in(&mut fresh, &mut work);
+                    take_in(&mut first, &mut fresh, &mut work);
                     next_intake = None;
                 }
                 Some(Job::CleanUp { name, owner, ticket }) => {
@@ -206,24 +211,26 @@ async fn run(
                 None => break,
             },
             Some(kept) = fresh.recv(), if next_intake.is_none() => {
-                work.push(start(kept));
-                if !shutting_down {
+                first = Some(kept);
+                if shutting_down {
+                    take_in(&mut first, &mut fresh, &mut work);
+                } else {
                     next_intake = Some(Instant::now() + INTAKE);
                 }
             }
             () = tokio::time::sleep_until(intake_at.into()), if next_intake.is_some() => {
-                take_in(&mut fresh, &mut work);
+                take_in(&mut first, &mut fresh, &mut work);
                 next_intake = None;
             }
             () = shut_down(&mut stopping), if !shutting_down => {
                 shutting_down = true;
-                take_in(&mut fresh, &mut work);
+                take_in(&mut first, &mut fresh, &mut work);
                 next_intake = None;
             }
             Some(()) = work.next(), if !work.is_empty() => {}
         }
     }
-    take_in(&mut fresh, &mut work);
+    take_in(&mut first, &mut fresh, &mut work);
     while work.next().await.is_some() {}
 }
 
