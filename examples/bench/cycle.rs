@@ -339,31 +339,44 @@ where
     })
 }
 
-/// Ours and the floor, `cycles` each at `concurrency`, in `rounds` rounds that alternate which
-/// of the two runs first: the CPU time of each, summed over the rounds.
+/// The CPU of one configuration: ours, the floor, and the floor measured a second time (how
+/// far two measurements of the same code differ within the run: the figure's noise).
+#[derive(Debug, Clone, Copy, Default)]
+struct CpuRuns {
+    ours: CpuRun,
+    floor: CpuRun,
+    floor_again: CpuRun,
+}
+
+/// Ours and the floor (twice), `cycles` each at `concurrency`, in `rounds` rounds that
+/// alternate the order: the CPU time of each, summed over the rounds.
 async fn cpu_runs(
     target: &GcsTarget,
     concurrency: usize,
     cycles: usize,
     rounds: usize,
-) -> Result<(CpuRun, CpuRun)> {
+) -> Result<CpuRuns> {
     let client = our_client(target).await?;
     let floor = Arc::new(Floor::new(target)?);
     run_workers(concurrency, 5, ours_runner(&client, "cpu")).await?;
     run_workers(concurrency, 5, floor_runner(&floor, "cpu")).await?;
     let per_round = cycles / rounds;
-    let (mut ours, mut base) = (CpuRun::default(), CpuRun::default());
+    let mut runs = CpuRuns::default();
     for round in 0..rounds {
+        let ours = || cpu_of_ours(concurrency, per_round, ours_runner(&client, "cpu"));
+        let base = || cpu_of_ours(concurrency, per_round, floor_runner(&floor, "cpu"));
         if round % 2 == 0 {
-            ours.add(cpu_of_ours(concurrency, per_round, ours_runner(&client, "cpu")).await?);
-            base.add(cpu_of_ours(concurrency, per_round, floor_runner(&floor, "cpu")).await?);
+            runs.ours.add(ours().await?);
+            runs.floor.add(base().await?);
+            runs.floor_again.add(base().await?);
         } else {
-            base.add(cpu_of_ours(concurrency, per_round, floor_runner(&floor, "cpu")).await?);
-            ours.add(cpu_of_ours(concurrency, per_round, ours_runner(&client, "cpu")).await?);
+            runs.floor_again.add(base().await?);
+            runs.floor.add(base().await?);
+            runs.ours.add(ours().await?);
         }
     }
     client.shutdown(Duration::from_secs(10)).await?;
-    Ok((ours, base))
+    Ok(runs)
 }
 
 /// [`cpu_runs`] on a current-thread runtime of a thread of its own (the bench's own runtime
@@ -373,7 +386,7 @@ async fn cpu_runs_current_thread(
     concurrency: usize,
     cycles: usize,
     rounds: usize,
-) -> Result<(CpuRun, CpuRun)> {
+) -> Result<CpuRuns> {
     let target = target.clone();
     on_current_thread(move || async move { cpu_runs(&target, concurrency, cycles, rounds).await })
         .await
@@ -456,8 +469,10 @@ pub async fn cpu(
         ),
     };
 
-    let (ours_mt, floor_mt) = cpu_runs(target, concurrency, cycles, rounds).await?;
-    let (ours_ct, floor_ct) = cpu_runs_current_thread(target, concurrency, cycles, rounds).await?;
+    let mt = cpu_runs(target, concurrency, cycles, rounds).await?;
+    let ct = cpu_runs_current_thread(target, concurrency, cycles, rounds).await?;
+    let (ours_mt, floor_mt, ours_ct, floor_ct) = (mt.ours, mt.floor, ct.ours, ct.floor);
+    let itself = |runs: &CpuRuns| runs.floor_again.cpu.as_secs_f64() / runs.floor.cpu.as_secs_f64();
 
     let figures = vec![
         Figure::new(
@@ -486,8 +501,10 @@ pub async fn cpu(
         )
     });
     let note = format!(
-        "cpu c={concurrency} on {}: {cycles} cycles each, ours and the floor alternating in {rounds} rounds; raw reqwest floor (same 2 requests) {:.1} us/cycle multi-thread ({:.0}% sys), {:.1} current-thread ({:.0}% sys); ours {:.0}% sys (multi-thread) / {:.0}% (current-thread); allocations per cycle: floor {:.1} / {:.1}, ours {:.1} / {:.1}; {python_note}{of_python}",
+        "cpu c={concurrency} on {}: {cycles} cycles each, ours and the floor (twice) alternating in {rounds} rounds; the floor's second measurement over its first (the noise of these ratios): {:.3} multi-thread, {:.3} current-thread; raw reqwest floor (same 2 requests) {:.1} us/cycle multi-thread ({:.0}% sys), {:.1} current-thread ({:.0}% sys); ours {:.0}% sys (multi-thread) / {:.0}% (current-thread); allocations per cycle: floor {:.1} / {:.1}, ours {:.1} / {:.1}; {python_note}{of_python}",
         target.label,
+        itself(&mt),
+        itself(&ct),
         per(floor_mt.cpu),
         pct(floor_mt.sys_share()),
         per(floor_ct.cpu),
