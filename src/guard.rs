@@ -100,6 +100,8 @@ impl LockGuard {
     /// take the lock over if no further refresh succeeds: the send time of the last
     /// successful write plus the ttl. The lease counts as lost a tenth of the ttl earlier;
     /// work that must not overlap another holder's (a child process, say) must stop by then.
+    /// A lease lost because someone else changed or removed the lock object, or given up at
+    /// shutdown, expires when it is lost: another owner may hold the lock already.
     ///
     /// ```
     /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), dimutex::Error> {

@@ -129,7 +129,8 @@ impl Lease {
     }
 
     /// The earliest moment another owner could take the lock over, by our clock: the send
-    /// time of our last successful write plus the ttl.
+    /// time of our last successful write plus the ttl; no later than the loss of a lease
+    /// refused or revoked.
     pub(crate) fn expires_at(&self) -> Instant {
         self.state().expires_at
     }
@@ -142,7 +143,9 @@ impl Lease {
     /// A write of ours sent at `sent` succeeded.
     pub(crate) fn renewed(&self, sent: Instant) {
         let mut state = self.state();
-        state.expires_at = state.expires_at.max(sent + self.ttl);
+        if state.end == End::Live {
+            state.expires_at = state.expires_at.max(sent + self.ttl);
+        }
     }
 
     /// How much longer the lease is ours, if it is live and healthy.
@@ -180,6 +183,11 @@ impl Lease {
             let was_live = state.end == End::Live;
             if was_live {
                 state.end = end;
+                // The object is another's, or is being deleted: another owner may take the
+                // lock from now on, not only once our last write's ttl has run out.
+                if let End::Lost(Cause::Refused | Cause::Revoked) = end {
+                    state.expires_at = state.expires_at.min(Instant::now());
+                }
             }
             was_live
         };
@@ -275,6 +283,26 @@ mod tests {
             now + Duration::from_secs(30),
             "never back"
         );
+    }
+
+    #[test]
+    fn a_lease_refused_or_revoked_expires_when_lost_one_run_out_keeps_its_time() {
+        let sent = Instant::now();
+        for cause in [Cause::Refused, Cause::Revoked] {
+            let l = lease(sent);
+            l.lose(cause);
+            assert!(l.expires_at() <= Instant::now(), "{cause:?}");
+            l.renewed(Instant::now());
+            assert!(
+                l.expires_at() <= Instant::now(),
+                "{cause:?}: no refresh revives it"
+            );
+        }
+        for cause in [Cause::DeadlinePassed, Cause::DriverStopped] {
+            let l = lease(sent);
+            l.lose(cause);
+            assert_eq!(l.expires_at(), sent + Duration::from_secs(30), "{cause:?}");
+        }
     }
 
     #[test]

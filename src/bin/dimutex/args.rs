@@ -11,7 +11,8 @@ Exit status:
            75 the lock is held by another owner (after --wait, if given);
            74 the lease was lost while the command ran (it was sent SIGTERM,
               then SIGKILL after --grace seconds, or sooner: at the latest 0.5 s
-              before another owner could take the lock over);
+              before another owner could take the lock over, at once when
+              another owner changed or removed the lock);
            69 the storage backend is unavailable or refused the request, or the
               configuration (credentials, STORAGE_EMULATOR_HOST) is unusable;
            64 bad arguments or an invalid lock key;
@@ -65,10 +66,11 @@ pub enum Command {
     /// until the lease ran out, or someone force-released it), CMD is sent SIGTERM, then
     /// SIGKILL after --grace seconds or sooner: CMD is killed at the latest 0.5 s before
     /// another owner could take the lock over (ttl after the send time of its last successful
-    /// write), whatever --grace says. dimutex then exits 74. SIGINT, SIGTERM and SIGHUP sent
+    /// write; at once when another owner changed or removed the lock), whatever --grace
+    /// says. dimutex then exits 74. SIGINT, SIGTERM and SIGHUP sent
     /// to dimutex are forwarded to CMD; the lock is released once CMD has exited. Interrupted
     /// while acquiring, dimutex exits 128+N after cleaning up the acquisition in flight (for
-    /// at most 5 s; a second signal stops waiting).
+    /// at most 20 s; a second signal stops waiting).
     #[command(after_help = EXIT_CODES)]
     Run(RunArgs),
     /// Show whether KEY is held, by whom, since and until when, and its fencing token.
@@ -121,7 +123,9 @@ pub struct RunArgs {
     /// comes sooner if the lease could otherwise be taken over while CMD lives: 0.5 s before
     /// that moment. When the lease ran out unrefreshed (the backend unreachable), it is called
     /// lost ttl/10 before that moment, so CMD gets at most ttl/10 - 0.5 s (2.5 s with the
-    /// default ttl; none below a ttl of 5 s): raise --ttl for a longer grace.
+    /// default ttl; none below a ttl of 5 s): raise --ttl for a longer grace. When another
+    /// owner changed or removed the lock, it may hold the lock already: SIGKILL follows SIGTERM
+    /// at once.
     #[arg(long, default_value = "10", value_name = "SECS", value_parser = parse_secs)]
     pub grace: Duration,
 
