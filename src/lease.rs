@@ -43,7 +43,8 @@ impl State {
 }
 
 struct State {
-    /// The send time of our last successful write plus the ttl.
+    /// The send time of our last successful write plus the ttl; the loss, for a lease
+    /// refused or revoked.
     expires_at: Instant,
     end: End,
     /// A dropped guard asked the driver for the release.
@@ -137,7 +138,8 @@ impl Lease {
 
     /// Past this, the holder no longer believes in the lease: `expires_at` minus the margin.
     pub(crate) fn deadline(&self) -> Instant {
-        self.expires_at() - self.margin
+        let expires = self.expires_at();
+        expires.checked_sub(self.margin).unwrap_or(expires)
     }
 
     /// A write of ours sent at `sent` succeeded.

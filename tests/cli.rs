@@ -935,9 +935,17 @@ async fn lost_lease_escalates_to_sigkill_after_the_grace_period() {
     let child_pid: u32 = read_trimmed(&pid_file).parse().unwrap();
     let _reap = Reap(vec![child_pid]);
     proxy.pause();
+    let cut = Instant::now();
     let out = finish(holder).await;
+    let took = cut.elapsed();
     assert_code(&out, 74, "the holder");
     let stderr = text(&out.stderr);
+    // Lost at most 18 s after the cut (ttl minus a tenth, from the last refresh before it),
+    // killed 1 s later.
+    assert!(
+        took < Duration::from_secs(21),
+        "exited {took:?} after the backend went away"
+    );
     assert!(stderr.contains("SIGKILL after 1 s"), "{stderr}");
     assert!(stderr.contains("did not exit within 1 s"), "{stderr}");
     assert!(!is_alive(child_pid), "the command was killed");

@@ -793,7 +793,7 @@ async fn a_dropped_guard_is_released_at_once_not_at_the_next_intake() {
     use std::time::Duration;
     let backend = MemoryBackend::new();
     let client = dimutex::Client::new(backend.clone());
-    // The first lease is taken in at once, and the next ones wait for the next intake.
+    // Both leases wait for the next intake, which never comes with the clock standing still.
     let first = client.try_acquire("first").await.unwrap();
     tokio::task::yield_now().await;
     let guard = client.try_acquire("dropped").await.unwrap();

@@ -348,8 +348,9 @@ struct CpuRuns {
     floor_again: CpuRun,
 }
 
-/// Ours and the floor (twice), `cycles` each at `concurrency`, in `rounds` rounds that
-/// alternate the order: the CPU time of each, summed over the rounds.
+/// Ours and the floor (twice), `cycles` each at `concurrency`, in `rounds` rounds of a
+/// rotating order (a multiple of 3 gives each arm each place equally often): the CPU time of
+/// each, summed over the rounds.
 async fn cpu_runs(
     target: &GcsTarget,
     concurrency: usize,
@@ -363,16 +364,17 @@ async fn cpu_runs(
     let per_round = cycles / rounds;
     let mut runs = CpuRuns::default();
     for round in 0..rounds {
-        let ours = || cpu_of_ours(concurrency, per_round, ours_runner(&client, "cpu"));
-        let base = || cpu_of_ours(concurrency, per_round, floor_runner(&floor, "cpu"));
-        if round % 2 == 0 {
-            runs.ours.add(ours().await?);
-            runs.floor.add(base().await?);
-            runs.floor_again.add(base().await?);
-        } else {
-            runs.floor_again.add(base().await?);
-            runs.floor.add(base().await?);
-            runs.ours.add(ours().await?);
+        // A rotating order: over three rounds each arm runs first, second and third once.
+        for arm in (0..3).map(|place| (place + round) % 3) {
+            let run = match arm {
+                0 => cpu_of_ours(concurrency, per_round, ours_runner(&client, "cpu")).await?,
+                _ => cpu_of_ours(concurrency, per_round, floor_runner(&floor, "cpu")).await?,
+            };
+            match arm {
+                0 => runs.ours.add(run),
+                1 => runs.floor.add(run),
+                _ => runs.floor_again.add(run),
+            }
         }
     }
     client.shutdown(Duration::from_secs(10)).await?;
@@ -501,7 +503,7 @@ pub async fn cpu(
         )
     });
     let note = format!(
-        "cpu c={concurrency} on {}: {cycles} cycles each, ours and the floor (twice) alternating in {rounds} rounds; the floor's second measurement over its first (the noise of these ratios): {:.3} multi-thread, {:.3} current-thread; raw reqwest floor (same 2 requests) {:.1} us/cycle multi-thread ({:.0}% sys), {:.1} current-thread ({:.0}% sys); ours {:.0}% sys (multi-thread) / {:.0}% (current-thread); allocations per cycle: floor {:.1} / {:.1}, ours {:.1} / {:.1}; {python_note}{of_python}",
+        "cpu c={concurrency} on {}: {cycles} cycles each, ours, the floor and the floor again in {rounds} rounds of a rotating order; the floor's second measurement over its first (the noise of these ratios): {:.3} multi-thread, {:.3} current-thread; raw reqwest floor (same 2 requests) {:.1} us/cycle multi-thread ({:.0}% sys), {:.1} current-thread ({:.0}% sys); ours {:.0}% sys (multi-thread) / {:.0}% (current-thread); allocations per cycle: floor {:.1} / {:.1}, ours {:.1} / {:.1}; {python_note}{of_python}",
         target.label,
         itself(&mt),
         itself(&ct),

@@ -119,7 +119,7 @@ pub enum GcsConfigError {
     #[error("invalid bucket name {0:?}")]
     InvalidBucket(String),
     /// The endpoint is not a usable base URL.
-    #[error("invalid endpoint {0:?}: expected http(s)://host[:port] or host:port")]
+    #[error("invalid endpoint {0:?}: expected http(s)://host[:port][/path] or host:port")]
     InvalidEndpoint(String),
     /// No Application Default Credentials were found.
     #[error("no Google credentials found: {0}")]
@@ -348,6 +348,7 @@ impl GcsBackendBuilder {
                 .build()
                 .map_err(GcsConfigError::Http)?,
         };
+        // The endpoint parsed as a base, and the bucket name is URL-safe: these parse.
         let parse = |path: String| {
             reqwest::Url::parse(&format!("{endpoint}{path}"))
                 .map_err(|_| GcsConfigError::InvalidEndpoint(endpoint.clone()))
@@ -467,7 +468,14 @@ fn normalize_endpoint(e: &str) -> Option<String> {
     if rest.is_empty() || rest.chars().any(|c| c.is_whitespace() || c.is_control()) {
         return None;
     }
-    Some(url)
+    // A base for request URLs: a host, maybe a port and a path, and nothing after it.
+    let parsed = reqwest::Url::parse(&url).ok()?;
+    let plain = parsed.has_host()
+        && parsed.query().is_none()
+        && parsed.fragment().is_none()
+        && parsed.username().is_empty()
+        && parsed.password().is_none();
+    plain.then_some(url)
 }
 
 /// GCS bucket names: 3-222 characters of lowercase letters, digits, `-`, `_` and `.`,
@@ -498,6 +506,69 @@ mod tests {
         );
         assert_eq!(normalize_endpoint("http://"), None);
         assert_eq!(normalize_endpoint("ftp://x"), None);
+        for bad in [
+            "http://:4443",
+            "localhost:abc",
+            "http://h:1/p?x=1",
+            "http://h:1/p#f",
+            "http://user:pw@h:1",
+        ] {
+            assert_eq!(normalize_endpoint(bad), None, "{bad}");
+        }
+    }
+
+    async fn backend(endpoint: &str) -> GcsBackend {
+        GcsBackend::builder("b-1")
+            .endpoint(endpoint)
+            .anonymous()
+            .build()
+            .await
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn request_urls_keep_the_endpoint_path_and_encode_the_name_as_one_segment() {
+        let b = backend("http://127.0.0.1:1/pre/fix/").await;
+        let name = "dimutex/a b+c%/?#\\ü..";
+        let encoded = "dimutex%2Fa%20b%2Bc%25%2F%3F%23%5C%C3%BC..";
+        assert_eq!(
+            b.object_url(name).as_str(),
+            format!("http://127.0.0.1:1/pre/fix/storage/v1/b/b-1/o/{encoded}")
+        );
+        assert_eq!(
+            b.object_url_if(name, Version::new(7, 2)).as_str(),
+            format!(
+                "http://127.0.0.1:1/pre/fix/storage/v1/b/b-1/o/{encoded}\
+                 ?ifGenerationMatch=7&ifMetagenerationMatch=2"
+            )
+        );
+        let upload = b.upload(name, &Metadata::new(), None).build().unwrap();
+        assert_eq!(
+            upload.url().as_str(),
+            "http://127.0.0.1:1/pre/fix/upload/storage/v1/b/b-1/o\
+             ?uploadType=multipart&ifGenerationMatch=0"
+        );
+        let b = backend("https://storage.test").await;
+        let upload = b.upload(name, &Metadata::new(), Some(Version::new(5, 3)));
+        assert_eq!(
+            upload.build().unwrap().url().as_str(),
+            "https://storage.test/upload/storage/v1/b/b-1/o\
+             ?uploadType=multipart&ifGenerationMatch=5&ifMetagenerationMatch=3"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_endpoint_that_is_no_base_url_is_refused_as_given() {
+        let e = GcsBackend::builder("b-1")
+            .endpoint("http://h:1/p?x=1")
+            .anonymous()
+            .build()
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&e, GcsConfigError::InvalidEndpoint(given) if given == "http://h:1/p?x=1"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -1,7 +1,6 @@
 //! What GCS sends and expects on the wire: object resources, error replies, headers,
 //! percent-encoded names and precondition queries.
 
-use std::borrow::Cow;
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
@@ -107,15 +106,13 @@ pub(super) fn server_time(headers: &HeaderMap) -> Option<SystemTime> {
 
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
-struct ObjectResource<'a> {
+struct ObjectResource {
     #[serde(deserialize_with = "int64")]
     generation: i64,
     #[serde(default, deserialize_with = "opt_int64")]
     metageneration: Option<i64>,
-    #[serde(borrow)]
-    updated: Option<Cow<'a, str>>,
-    #[serde(borrow)]
-    time_created: Option<Cow<'a, str>>,
+    updated: Option<String>,
+    time_created: Option<String>,
     #[serde(default)]
     metadata: Option<Metadata>,
 }
@@ -152,7 +149,7 @@ pub(super) fn parse_object(
     body: &[u8],
     missing_metageneration: Option<i64>,
 ) -> Result<ObjectState, BackendError> {
-    let resource: ObjectResource<'_> =
+    let resource: ObjectResource =
         serde_json::from_slice(body).map_err(|e| BackendError::Fatal {
             status: None,
             message: format!("malformed object resource: {e}"),

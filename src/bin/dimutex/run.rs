@@ -177,6 +177,12 @@ async fn stop_after_lost(
             format!("SIGKILL after {secs} s"),
             format!("did not exit within {secs} s of SIGTERM"),
         )
+    } else if grace.is_zero() {
+        (
+            "SIGKILL at once, before another owner can take the lock over (one may have already)"
+                .to_owned(),
+            "is still running and another owner may hold the lock".to_owned(),
+        )
     } else {
         (
             format!(
