@@ -182,8 +182,7 @@ impl GcsBackend {
     /// The object's URL with the write preconditions of `expected` as its query.
     fn object_url_if(&self, name: &str, expected: Version) -> reqwest::Url {
         let mut url = self.object_url(name);
-        let query = preconditions(expected.generation(), Some(expected.metageneration()));
-        url.set_query(Some(&query));
+        url.set_query(Some(&preconditions(Some(expected))));
         url
     }
 
@@ -248,12 +247,9 @@ impl GcsBackend {
         metadata: &Metadata,
         expected: Option<Version>,
     ) -> reqwest::RequestBuilder {
-        let query = match expected {
-            Some(v) => preconditions(v.generation(), Some(v.metageneration())),
-            None => preconditions(0, None),
-        };
         let mut url = self.uploads.clone();
-        url.set_query(Some(&format!("uploadType=multipart&{query}")));
+        let query = format!("uploadType=multipart&{}", preconditions(expected));
+        url.set_query(Some(&query));
         // The multipart body, the JSON resource serialized straight into it.
         let resource = UploadResource {
             name,

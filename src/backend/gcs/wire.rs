@@ -214,11 +214,16 @@ pub(super) fn push_segment(out: &mut String, name: &str) {
     }
 }
 
-/// The write preconditions as a query string.
-pub(super) fn preconditions(generation: i64, metageneration: Option<i64>) -> String {
-    match metageneration {
-        Some(m) => format!("ifGenerationMatch={generation}&ifMetagenerationMatch={m}"),
-        None => format!("ifGenerationMatch={generation}"),
+/// The write preconditions as a query string: the `expected` version (generation and
+/// metageneration), or no object at all (`None`: generation 0).
+pub(super) fn preconditions(expected: Option<Version>) -> String {
+    match expected {
+        Some(v) => format!(
+            "ifGenerationMatch={}&ifMetagenerationMatch={}",
+            v.generation(),
+            v.metageneration()
+        ),
+        None => "ifGenerationMatch=0".to_owned(),
     }
 }
 
@@ -232,10 +237,10 @@ mod tests {
         assert_eq!(encode_segment("ü"), "%C3%BC");
         assert_eq!(encode_segment("a-b.c_d~e"), "a-b.c_d~e");
         assert_eq!(
-            preconditions(7, Some(2)),
+            preconditions(Some(Version::new(7, 2))),
             "ifGenerationMatch=7&ifMetagenerationMatch=2"
         );
-        assert_eq!(preconditions(0, None), "ifGenerationMatch=0");
+        assert_eq!(preconditions(None), "ifGenerationMatch=0");
     }
 
     #[test]
