@@ -908,6 +908,22 @@ async fn status_and_forced_release() {
     assert_code(&out, 74, "the second holder");
 }
 
+/// `dimutex run ARGS -- CMD` in `env` with a CMD that ignores SIGTERM, once CMD runs: the
+/// holder, CMD's pid, and what kills CMD when the test ends.
+async fn run_ignoring_sigterm(env: &Env, args: &[&str]) -> (Child, u32, Reap) {
+    let pid_file = env.path("pid");
+    let script = format!(
+        "trap '' TERM; echo $$ > '{}'; exec sleep 60",
+        pid_file.display()
+    );
+    let mut run = args.to_vec();
+    run.extend(["--", "sh", "-c", &script]);
+    let holder = env.cmd("run", &run).spawn().unwrap();
+    wait_for_file(&pid_file, Duration::from_secs(10)).await;
+    let pid: u32 = read_trimmed(&pid_file).parse().unwrap();
+    (holder, pid, Reap(vec![pid]))
+}
+
 /// A command that ignores SIGTERM after a lost lease is killed once `--grace` has passed: a
 /// holder whose backend stops answering (a proxy in front of the fake refuses every
 /// connection) loses its lease a tenth of the ttl before anyone could take it over, and with
@@ -917,23 +933,8 @@ async fn lost_lease_escalates_to_sigkill_after_the_grace_period() {
     let fake = FakeGcs::start().await.unwrap();
     let proxy = Proxy::start(fake.addr()).await.unwrap();
     let via_proxy = Env::new(&proxy.endpoint(), FakeGcs::DEFAULT_BUCKET, "grace");
-    let pid_file = via_proxy.path("pid");
-    let script = format!(
-        "trap '' TERM; echo $$ > '{}'; exec sleep 60",
-        pid_file.display()
-    );
-    let holder = via_proxy
-        .cmd(
-            "run",
-            &[
-                "--ttl", "20", "--grace", "1", "g", "--", "sh", "-c", &script,
-            ],
-        )
-        .spawn()
-        .unwrap();
-    wait_for_file(&pid_file, Duration::from_secs(10)).await;
-    let child_pid: u32 = read_trimmed(&pid_file).parse().unwrap();
-    let _reap = Reap(vec![child_pid]);
+    let (holder, child_pid, _reap) =
+        run_ignoring_sigterm(&via_proxy, &["--ttl", "20", "--grace", "1", "g"]).await;
     proxy.pause();
     let cut = Instant::now();
     let died = tokio::spawn(async move {
@@ -964,18 +965,7 @@ async fn lost_lease_escalates_to_sigkill_after_the_grace_period() {
 async fn a_lock_removed_by_another_kills_the_command_at_once() {
     let fake = FakeGcs::start().await.unwrap();
     let env = Env::fake(&fake, "refused");
-    let pid_file = env.path("pid");
-    let script = format!(
-        "trap '' TERM; echo $$ > '{}'; exec sleep 60",
-        pid_file.display()
-    );
-    let holder = env
-        .cmd("run", &["--ttl", "10", "r", "--", "sh", "-c", &script])
-        .spawn()
-        .unwrap();
-    wait_for_file(&pid_file, Duration::from_secs(10)).await;
-    let child_pid: u32 = read_trimmed(&pid_file).parse().unwrap();
-    let _reap = Reap(vec![child_pid]);
+    let (holder, child_pid, _reap) = run_ignoring_sigterm(&env, &["--ttl", "10", "r"]).await;
     let out = output(env.cmd("release", &["--force", "r"])).await;
     assert_code(&out, 0, "release --force");
     let removed_at = Instant::now();
