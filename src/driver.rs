@@ -165,8 +165,9 @@ type Work = Pin<Box<dyn Future<Output = ()> + Send>>;
 ///
 /// A new lease needs nothing of the driver before its first refresh (a quarter of a refresh
 /// interval away at the soonest), and most leases are released by their guards before that:
-/// the driver takes new leases in at most once per [`INTAKE`], so that a lock taken and
-/// released costs it no wake-up (and a lease released by then, no work at all). A dropped guard (whose release the driver sends) and
+/// the driver takes new leases in at most once per [`INTAKE`]: the first to arrive sets the
+/// intake's time, those taken and released meanwhile cost it no wake-up, and a lease released
+/// by the intake no work at all. A dropped guard (whose release the driver sends) and
 /// shutdown have it take them in at once.
 async fn run(
     p: Arc<Protocol>,
