@@ -251,9 +251,10 @@ async fn run(settings: Settings) -> ExitCode {
     if wants(2) {
         eprintln!("[2] client CPU per cycle vs the reqwest floor (and Python dimutex's)");
         let plan = cycle::CpuPlan {
-            // Per-round ratios of this VM spread by about ±0.1; 12 rounds narrow the run's.
-            cycles: if quick { 400 } else { 6000 },
-            rounds: if quick { 2 } else { 12 },
+            // Per-round ratios of this VM spread by about ±0.1, and two full runs' ratios by
+            // up to ±0.07 with 12 rounds: 36 rounds of 500 cycles (about 2 minutes).
+            cycles: if quick { 400 } else { 18000 },
+            rounds: if quick { 2 } else { 36 },
         };
         let python = servers::python();
         for c in [1, 16] {

@@ -321,8 +321,9 @@ impl CpuRun {
     }
 }
 
-/// CPU time of this process while running `cycles` cycles at `concurrency` through `runner`.
-async fn cpu_of_ours<F, Fut>(concurrency: usize, cycles: usize, runner: F) -> Result<CpuRun>
+/// CPU time of this process while `runner` runs `cycles` cycles at `concurrency` (ours or
+/// the floor's, whichever it runs).
+async fn cpu_of<F, Fut>(concurrency: usize, cycles: usize, runner: F) -> Result<CpuRun>
 where
     F: Fn(usize) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = Result<Duration>> + Send + 'static,
@@ -367,8 +368,8 @@ async fn cpu_runs(
         // A rotating order: over three rounds each arm runs first, second and third once.
         for arm in (0..3).map(|place| (place + round) % 3) {
             let run = match arm {
-                0 => cpu_of_ours(concurrency, per_round, ours_runner(&client, "cpu")).await?,
-                _ => cpu_of_ours(concurrency, per_round, floor_runner(&floor, "cpu")).await?,
+                0 => cpu_of(concurrency, per_round, ours_runner(&client, "cpu")).await?,
+                _ => cpu_of(concurrency, per_round, floor_runner(&floor, "cpu")).await?,
             };
             match arm {
                 0 => runs.ours.add(run),
