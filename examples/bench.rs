@@ -4,6 +4,7 @@
 //! cargo run --release --all-features --example bench             # full: several minutes
 //! cargo run --release --all-features --example bench -- --quick  # under a minute (CI)
 //! cargo run --release --all-features --example bench -- --only 1,3
+//! cargo run --release --all-features --example bench -- --cycles ours 1000  # for profilers
 //! ```
 //!
 //! It prints a table, then one JSON line per figure:
@@ -59,7 +60,7 @@ struct Settings {
     only: Option<Vec<u32>>,
 }
 
-const USAGE: &str = "usage: bench [--quick] [--only N[,N..]]   (sections 1-5)";
+const USAGE: &str = "usage: bench [--quick] [--only N[,N..]]   (sections 1-5)\n       bench --cycles ours|floor N   (N cycles of one kind alone, for profilers)";
 
 fn main() -> ExitCode {
     let mut args = std::env::args().skip(1);
@@ -70,6 +71,7 @@ fn main() -> ExitCode {
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--serve-fake" => return servers::serve_fake_child(),
+            "--cycles" => return cycles_alone(args.next(), args.next()),
             "--quick" => settings.quick = true,
             "--only" => {
                 let list = args.next().unwrap_or_default();
@@ -106,6 +108,37 @@ fn main() -> ExitCode {
         }
     };
     rt.block_on(run(settings))
+}
+
+/// `--cycles ours|floor N`: see [`cycle::alone`].
+fn cycles_alone(kind: Option<String>, n: Option<String>) -> ExitCode {
+    let ours = match kind.as_deref() {
+        Some("ours") => true,
+        Some("floor") => false,
+        _ => {
+            eprintln!("{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    let Some(n) = n.and_then(|n| n.parse::<usize>().ok()) else {
+        eprintln!("{USAGE}");
+        return ExitCode::from(2);
+    };
+    let result = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(util::BoxError::from)
+        .and_then(|rt| rt.block_on(cycle::alone(ours, n)));
+    match result {
+        Ok(line) => {
+            println!("{line}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("bench --cycles: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 fn cpu_model() -> String {

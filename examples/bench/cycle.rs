@@ -205,6 +205,36 @@ fn floor_runner(
     }
 }
 
+/// `bench --cycles ours|floor N`: `n` cycles of one kind alone, on a current-thread runtime
+/// against fake-gcs-server, after 50 cycles of each kind (so that both kinds' code has run
+/// once in every run); the CPU per cycle. For profilers: under `valgrind --tool=cachegrind`
+/// or `perf`, two runs of one kind with different `n` give per-cycle figures by difference.
+pub async fn alone(ours: bool, n: usize) -> Result<String> {
+    let emulator = super::servers::Emulator::start().await?;
+    let client = our_client(&emulator.target).await?;
+    let floor = Floor::new(&emulator.target)?;
+    for _ in 0..50 {
+        our_cycle(&client, "alone").await?;
+        floor.cycle("bench-floor/alone").await?;
+    }
+    let before = util::self_cpu()?;
+    for _ in 0..n {
+        if ours {
+            our_cycle(&client, "alone").await?;
+        } else {
+            floor.cycle("bench-floor/alone").await?;
+        }
+    }
+    let cpu = util::cpu_between(&before, &util::self_cpu()?);
+    client.shutdown(Duration::from_secs(10)).await?;
+    Ok(format!(
+        "{} cycles of {}: {:.1} us CPU per cycle",
+        n,
+        if ours { "ours" } else { "the floor" },
+        util::us(cpu) / n.max(1) as f64
+    ))
+}
+
 #[derive(Clone, Copy)]
 pub struct LatencyPlan {
     pub rounds: usize,
