@@ -785,7 +785,7 @@ async fn a_lease_taken_over_after_waiting_is_timed_from_the_takeover() {
     assert!(guard.release().await.unwrap());
 }
 
-/// New leases reach the lease driver at its next intake (at most every 10 ms), but a
+/// New leases reach the lease driver at its next intake (at most every 50 ms), but a
 /// dropped guard has it take them in at once: its lock is free within a few polls, with the
 /// clock standing still (the intake's timer never fires here).
 #[tokio::test(flavor = "current_thread", start_paused = true)]
