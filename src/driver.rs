@@ -253,8 +253,8 @@ enum Step {
 /// nothing. Each intake costs wake-ups: the driver's, and the runtime's for the intake's
 /// timer (on a multi-thread runtime, a parked worker's). Lock cycles one after another
 /// against fake-gcs-server (`strace -c target/release/examples/bench --cycles ours 2000`)
-/// made 0.23 more of those timer wake-ups per cycle than the bare requests at 10 ms, 0.08 at
-/// 50 ms. The price: a released lease's memory is freed at the next intake, up to 50 ms late.
+/// made 0.23–0.31 more of those timer wake-ups per cycle than the bare requests at 10 ms,
+/// 0.05–0.08 at 50 ms. The price: a released lease's memory is freed at the next intake, up to 50 ms late.
 const INTAKE: Duration = Duration::from_millis(50);
 
 /// Refreshes are due on a grid of this step, so that the driver wakes once for all the

@@ -212,26 +212,20 @@ fn floor_runner(
 pub async fn alone(ours: bool, n: usize) -> Result<String> {
     let emulator = super::servers::Emulator::start().await?;
     let client = our_client(&emulator.target).await?;
-    let floor = Floor::new(&emulator.target)?;
-    for _ in 0..50 {
-        our_cycle(&client, "alone").await?;
-        floor.cycle("bench-floor/alone").await?;
-    }
-    let before = util::self_cpu()?;
-    for _ in 0..n {
-        if ours {
-            our_cycle(&client, "alone").await?;
-        } else {
-            floor.cycle("bench-floor/alone").await?;
-        }
-    }
-    let cpu = util::cpu_between(&before, &util::self_cpu()?);
+    let floor = Arc::new(Floor::new(&emulator.target)?);
+    run_workers(1, 50, ours_runner(&client, "alone")).await?;
+    run_workers(1, 50, floor_runner(&floor, "alone")).await?;
+    let run = if ours {
+        cpu_of(1, n, ours_runner(&client, "alone")).await?
+    } else {
+        cpu_of(1, n, floor_runner(&floor, "alone")).await?
+    };
     client.shutdown(Duration::from_secs(10)).await?;
     Ok(format!(
         "{} cycles of {}: {:.1} us CPU per cycle",
         n,
         if ours { "ours" } else { "the floor" },
-        util::us(cpu) / n.max(1) as f64
+        util::us(run.cpu) / n.max(1) as f64
     ))
 }
 
