@@ -7,7 +7,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use tokio::sync::watch;
 
-use crate::backend::Backend;
+use crate::backend::{Backend, ObjectState};
 use crate::backoff::{Backoff, RetryPolicy};
 use crate::driver::{self, DriverHandle, Job, Kept};
 use crate::error::{ConfigError, Error, ShutdownTimeout};
@@ -16,7 +16,7 @@ use crate::key::{self, KeyError, LockKey, ObjectName};
 use crate::lease::Lease;
 use crate::local::{self, Local};
 use crate::pending::{Pending, Ticket};
-use crate::protocol::acquire::{self, Acquired, Mode, Trace};
+use crate::protocol::acquire::{self, Acquired, Entry, Mode, Trace};
 use crate::protocol::refresh::Known;
 use crate::protocol::{Protocol, Settings, WallClock};
 
@@ -264,6 +264,15 @@ impl Client {
         }
     }
 
+    /// The contents of the record `name`, if it is still at `generation`.
+    pub(crate) async fn record_contents(
+        &self,
+        name: &str,
+        generation: i64,
+    ) -> Result<Option<bytes::Bytes>, Error> {
+        crate::protocol::record::contents(&self.inner.protocol, name, generation).await
+    }
+
     /// How long the lock object `name` may stay held, if a healthy lease of this client
     /// holds it: a fail-fast caller is refused without a request.
     pub(crate) fn held_here_for(&self, name: &str) -> Option<Duration> {
@@ -278,12 +287,28 @@ impl Client {
         name: ObjectName,
         mode: Mode,
     ) -> Result<LockGuard, Error> {
+        match self.enter_named(key, name, mode, false).await? {
+            Entered::Lock(guard) => Ok(guard),
+            // Not handed back without `records`.
+            Entered::Record(_) => Err(Error::Held { remaining: None }),
+        }
+    }
+
+    /// [`acquire_named`](Self::acquire_named), or (with `records`) the live completed record
+    /// found under `name` instead.
+    pub(crate) async fn enter_named(
+        &self,
+        key: LockKey,
+        name: ObjectName,
+        mode: Mode,
+        records: bool,
+    ) -> Result<Entered, Error> {
         let ticket = self.inner.pending.enter().ok_or(Error::ShutDown)?;
         let mut shutdown = self.inner.shutdown.subscribe();
         tokio::select! {
             biased;
             () = driver::shut_down(&mut shutdown) => Err(Error::ShutDown),
-            result = self.acquire_ticketed(key, name, mode, ticket) => result,
+            result = self.acquire_ticketed(key, name, mode, ticket, records) => result,
         }
     }
 
@@ -293,7 +318,8 @@ impl Client {
         name: ObjectName,
         mode: Mode,
         ticket: Ticket,
-    ) -> Result<LockGuard, Error> {
+        records: bool,
+    ) -> Result<Entered, Error> {
         let local = &self.inner.local;
         let _turn = match mode {
             Mode::Try => {
@@ -334,10 +360,15 @@ impl Client {
             trace: Trace::default(),
         };
         let p = &*self.inner.protocol;
-        let acquired = acquire::acquire(p, &name, &owner, mode, &mut attempt.trace).await?;
+        let entry = acquire::acquire(p, &name, &owner, mode, &mut attempt.trace, records).await?;
         let ticket = attempt.done();
+        let acquired = match entry {
+            Entry::Lock(acquired) => acquired,
+            Entry::Record(state) => return Ok(Entered::Record(state)),
+        };
         tracing::debug!(target: "dimutex", key_id = crate::key_id(&key), how = ?acquired.how, elapsed_ms = acquired.sent.elapsed().as_millis() as u64, "acquired");
-        Ok(self.hold(key, name, owner, acquired, ticket, &attempt.driver))
+        let guard = self.hold(key, name, owner, acquired, ticket, &attempt.driver);
+        Ok(Entered::Lock(guard))
     }
 
     /// A lock taken: registered here, and handed to the lease driver.
@@ -387,6 +418,14 @@ impl Inner {
             }
         }
     }
+}
+
+/// How an acquisition that may find a record ends well.
+#[derive(Debug)]
+pub(crate) enum Entered {
+    Lock(LockGuard),
+    /// A live completed record.
+    Record(ObjectState),
 }
 
 /// An acquisition under way. Dropped before it is [`done`](Self::done) (its future dropped,

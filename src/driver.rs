@@ -24,12 +24,15 @@ use std::time::{Duration, Instant};
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use tokio::sync::{mpsc, watch};
 
+use crate::backend::Metadata;
 use crate::error::Error;
 use crate::lease::{Cause, Lease};
 use crate::local::Local;
+use crate::object;
 use crate::pending::Ticket;
 use crate::protocol::Protocol;
 use crate::protocol::cleanup::clean_up;
+use crate::protocol::record::complete;
 use crate::protocol::refresh::{Refreshed, refresh};
 use crate::protocol::release::release;
 
@@ -103,6 +106,63 @@ pub(crate) async fn release_lease(
     result
 }
 
+/// Turns `lease` into a completed record kept for `retention`, with the record's `fields` and
+/// contents `data` (after the write in flight, if there is one): `Ok(true)` when it is
+/// stored, and the lease is finished; `Ok(false)` when the lease
+/// was over or its lock changed by someone else first (nothing stored, the lease lost); an
+/// error when the outcome is unknown (the lease stays, and its release settles it).
+pub(crate) async fn complete_lease(
+    p: &Protocol,
+    local: &Local,
+    lease: &Arc<Lease>,
+    record: Record<'_>,
+) -> Result<bool, Error> {
+    let mut known = lease.writer().await;
+    if lease.is_over() {
+        return Ok(false);
+    }
+    let s = p.settings();
+    let metadata =
+        object::record_metadata(record.retention, lease.owner(), (s.clock)(), record.fields);
+    // The response waits for this write: retried for the policy's budget, not the lease's.
+    let give_up_at = lease
+        .deadline()
+        .min(crate::protocol::after(s.retry.max_elapsed()));
+    let written = (&metadata, record.data);
+    let result = complete(
+        p,
+        lease.name(),
+        lease.owner(),
+        &mut known,
+        written,
+        give_up_at,
+    )
+    .await;
+    let key_id = crate::key_id(lease.key());
+    match &result {
+        Ok(true) => {
+            tracing::debug!(target: "dimutex", key_id, "completed");
+            lease.released();
+            finish(local, lease);
+        }
+        Ok(false) => {
+            if lease.lose(Cause::Refused) {
+                tracing::warn!(target: "dimutex", key_id, "lease lost before its record was written: the lock object was changed or removed by someone else");
+            }
+        }
+        Err(e) => tracing::warn!(target: "dimutex", key_id, error = %e, "record write failed"),
+    }
+    result
+}
+
+/// A completed record to be written: its own metadata fields, its contents, and how long it
+/// is kept (its ttl).
+pub(crate) struct Record<'a> {
+    pub(crate) fields: Metadata,
+    pub(crate) data: &'a [u8],
+    pub(crate) retention: Duration,
+}
+
 /// Where jobs are sent to a running driver, and what a guard needs to release its lease
 /// itself.
 #[derive(Clone)]
@@ -139,6 +199,15 @@ impl DriverHandle {
     /// Releases `lease` from the caller's task; see [`release_lease`].
     pub(crate) async fn release(&self, lease: &Arc<Lease>) -> Result<bool, Error> {
         release_lease(&self.protocol, &self.local, lease).await
+    }
+
+    /// Completes `lease` from the caller's task; see [`complete_lease`].
+    pub(crate) async fn complete(
+        &self,
+        lease: &Arc<Lease>,
+        record: Record<'_>,
+    ) -> Result<bool, Error> {
+        complete_lease(&self.protocol, &self.local, lease, record).await
     }
 }
 

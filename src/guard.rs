@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
-use crate::driver::DriverHandle;
+use crate::driver::{DriverHandle, Record};
 use crate::error::Error;
 use crate::key::LockKey;
 use crate::lease::Lease;
@@ -169,6 +169,19 @@ impl LockGuard {
         let mut handoff = Handoff(Some((&self.held.lease, &self.driver)));
         let result = self.driver.release(&self.held.lease).await;
         handoff.0 = None;
+        result
+    }
+}
+
+impl LockGuard {
+    /// Turns the lock into the completed record `record` with one write conditional on the
+    /// version we hold; see [`DriverHandle::complete`]. Unless the record is stored, the
+    /// guard is dropped here, which releases what is still ours.
+    pub(crate) async fn complete(mut self, record: Record<'_>) -> Result<bool, Error> {
+        let result = self.driver.complete(&self.held.lease, record).await;
+        if matches!(result, Ok(true)) {
+            self.released = true;
+        }
         result
     }
 }

@@ -47,6 +47,7 @@ mod error;
 #[cfg(feature = "axum")]
 pub mod extract;
 mod guard;
+pub mod idempotency;
 mod inspect;
 mod key;
 pub mod layer;

@@ -23,6 +23,8 @@ use crate::backend::{Metadata, ObjectState, Version};
 pub(crate) const TTL: &str = "ttl";
 pub(crate) const OWNER: &str = "owner";
 pub(crate) const EXPIRES: &str = "expires";
+/// Present (`"1"`, the record format's version) on a completed record.
+pub(crate) const RECORD: &str = "record";
 
 /// The allowance for clock skew when judging locks written by Python `dimutex`.
 pub(crate) const FOREIGN_SKEW: Duration = Duration::from_secs(2);
@@ -89,6 +91,26 @@ pub(crate) fn lock_metadata(ttl: Duration, owner: &str, wall_now: SystemTime) ->
         (OWNER.to_owned(), owner.to_owned()),
         (TTL.to_owned(), format_ttl(ttl)),
     ])
+}
+
+/// The metadata of a completed record, kept for `retention`: a lock whose ttl is the
+/// retention (so that it is judged, and taken over once expired, like any lock), with the
+/// record's own `fields` and the [`RECORD`] marker.
+pub(crate) fn record_metadata(
+    retention: Duration,
+    owner: &str,
+    wall_now: SystemTime,
+    fields: Metadata,
+) -> Metadata {
+    let mut md = fields;
+    md.extend(lock_metadata(retention, owner, wall_now));
+    md.insert(RECORD.to_owned(), "1".to_owned());
+    md
+}
+
+/// Whether `state` is a completed record.
+pub(crate) fn is_record(state: &ObjectState) -> bool {
+    state.metadata().contains_key(RECORD)
 }
 
 /// The metadata a refresh merges in.

@@ -421,3 +421,17 @@ async fn status_and_force_release() {
     let backend = fake().await;
     scenarios::status_and_force_release(&env(&backend, "ops")).await;
 }
+
+#[tokio::test]
+async fn records_round_trip() {
+    let fake = fake().await;
+    scenarios::records_round_trip(&env(&fake, "records")).await;
+}
+
+#[tokio::test]
+async fn records_follow_documented_preconditions() {
+    let fake = fake().await;
+    let env = env(&fake, "records-stale");
+    assert!(!scenarios::record_with_a_stale_metageneration_is_accepted(&env).await);
+    assert!(!scenarios::a_replaced_generation_is_read(&env).await);
+}

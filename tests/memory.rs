@@ -899,3 +899,9 @@ async fn a_try_on_a_lock_that_keeps_changing_gives_up() {
     assert!(reads <= 10, "{reads} reads for one try");
     client.shutdown(Duration::from_secs(5)).await.unwrap();
 }
+
+#[tokio::test]
+async fn records_round_trip() {
+    let backend = MemoryBackend::new();
+    scenarios::records_round_trip(&env(&backend, "records")).await;
+}

@@ -3,6 +3,8 @@
 use std::borrow::Cow;
 use std::sync::Arc;
 
+use bytes::Bytes;
+
 use super::store::{Preconditions, Store, StoreError, StoredObject};
 use super::{Backend, BackendError, BoxFuture, Metadata, ObjectState, Reply, Version};
 
@@ -102,12 +104,23 @@ impl MemoryBackend {
         metadata: &Metadata,
         pre: Preconditions,
     ) -> Result<Reply<ObjectState>, BackendError> {
+        self.write_object(name, metadata, pre, Cow::Borrowed(LOCK_BODY))
+    }
+
+    /// Creates or overwrites an object with `data` as its contents.
+    fn write_object(
+        &self,
+        name: &str,
+        metadata: &Metadata,
+        pre: Preconditions,
+        data: Cow<'static, [u8]>,
+    ) -> Result<Reply<ObjectState>, BackendError> {
         let result = self.store.insert(
             name,
             metadata.clone(),
             Some(Cow::Borrowed("no-store")),
             Some(Cow::Borrowed("text/plain")),
-            Cow::Borrowed(LOCK_BODY),
+            data,
             pre,
         );
         self.write_result(result)
@@ -226,6 +239,34 @@ impl Backend for MemoryBackend {
             .delete(name, matching(expected))
             .map(|()| Reply::new((), None))
             .map_err(|e| self.error(e));
+        Box::pin(std::future::ready(out))
+    }
+
+    fn record<'a>(
+        &'a self,
+        name: &'a str,
+        expected: Version,
+        metadata: &'a Metadata,
+        data: &'a [u8],
+    ) -> BoxFuture<'a, Result<Reply<ObjectState>, BackendError>> {
+        let data = Cow::Owned(data.to_vec());
+        let out = self.write_object(name, metadata, matching(expected), data);
+        Box::pin(std::future::ready(out))
+    }
+
+    fn contents<'a>(
+        &'a self,
+        name: &'a str,
+        generation: i64,
+    ) -> BoxFuture<'a, Result<Reply<Bytes>, BackendError>> {
+        let pre = Preconditions {
+            if_generation_match: Some(generation),
+            ..Preconditions::default()
+        };
+        let out = match self.store.get_checked(name, pre) {
+            Ok(o) => Ok(self.reply(Bytes::copy_from_slice(&o.data))),
+            Err(e) => Err(self.error(e)),
+        };
         Box::pin(std::future::ready(out))
     }
 }

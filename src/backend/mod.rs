@@ -1,5 +1,6 @@
 //! The storage side of the lock: one small trait whose methods are the five requests of the
-//! lock protocol, and the two backends that implement it.
+//! lock protocol (and two more for the completed records of the idempotency layer), and the
+//! two backends that implement it.
 //!
 //! The lock algorithm ([`Client`](crate::Client)) is written once above [`Backend`]; a backend
 //! only performs single requests and reports what the server said. Retries, ambiguity
@@ -277,6 +278,44 @@ pub trait Backend: Send + Sync + fmt::Debug + 'static {
         name: &'a str,
         expected: Version,
     ) -> BoxFuture<'a, Result<Reply<()>, BackendError>>;
+
+    /// Overwrites the object with `metadata` and the contents `data` in one request, only if
+    /// it is still at `expected`: how a held lock becomes a completed record
+    /// ([`IdempotencyLayer`](crate::idempotency::IdempotencyLayer)).
+    ///
+    /// The default refuses with [`BackendError::Fatal`]: a backend without it serves locks,
+    /// not records.
+    fn record<'a>(
+        &'a self,
+        name: &'a str,
+        expected: Version,
+        metadata: &'a Metadata,
+        data: &'a [u8],
+    ) -> BoxFuture<'a, Result<Reply<ObjectState>, BackendError>> {
+        let _ = (name, expected, metadata, data);
+        Box::pin(std::future::ready(Err(records_unsupported())))
+    }
+
+    /// Reads the contents of the object, only if it is still at `generation`
+    /// ([`BackendError::PreconditionFailed`] otherwise, [`BackendError::NotFound`] when it is
+    /// gone).
+    ///
+    /// The default refuses with [`BackendError::Fatal`], as [`record`](Self::record) does.
+    fn contents<'a>(
+        &'a self,
+        name: &'a str,
+        generation: i64,
+    ) -> BoxFuture<'a, Result<Reply<bytes::Bytes>, BackendError>> {
+        let _ = (name, generation);
+        Box::pin(std::future::ready(Err(records_unsupported())))
+    }
+}
+
+fn records_unsupported() -> BackendError {
+    BackendError::Fatal {
+        status: None,
+        message: "this backend does not store records".to_owned(),
+    }
 }
 
 impl<B: Backend + ?Sized> Backend for std::sync::Arc<B> {
@@ -319,5 +358,23 @@ impl<B: Backend + ?Sized> Backend for std::sync::Arc<B> {
         expected: Version,
     ) -> BoxFuture<'a, Result<Reply<()>, BackendError>> {
         (**self).release(name, expected)
+    }
+
+    fn record<'a>(
+        &'a self,
+        name: &'a str,
+        expected: Version,
+        metadata: &'a Metadata,
+        data: &'a [u8],
+    ) -> BoxFuture<'a, Result<Reply<ObjectState>, BackendError>> {
+        (**self).record(name, expected, metadata, data)
+    }
+
+    fn contents<'a>(
+        &'a self,
+        name: &'a str,
+        generation: i64,
+    ) -> BoxFuture<'a, Result<Reply<bytes::Bytes>, BackendError>> {
+        (**self).contents(name, generation)
     }
 }

@@ -8,7 +8,9 @@ use http::{HeaderValue, Response, StatusCode, header};
 use super::key::KeyRejection;
 use crate::error::Error;
 
-/// Why [`LockLayer`](super::LockLayer) answered instead of the inner service.
+/// Why [`LockLayer`](super::LockLayer) (or
+/// [`IdempotencyLayer`](crate::idempotency::IdempotencyLayer)) answered instead of the inner
+/// service.
 ///
 /// ```
 /// use std::time::Duration;
@@ -32,6 +34,16 @@ pub enum Rejection {
     },
     /// No valid key could be derived from the request (400).
     BadKey(KeyRejection),
+    /// The idempotency key was used before with another request (422): a different method,
+    /// path, query, body or fingerprinted header. Names neither the key nor the first request.
+    KeyReused,
+    /// The request body is larger than the idempotency layer buffers (413).
+    BodyTooLarge {
+        /// The most the layer buffers, in bytes.
+        limit: usize,
+    },
+    /// The request body could not be read (400).
+    BodyUnreadable,
     /// The lock backend refused for good (misconfiguration, permissions) or the client is shut
     /// down (503). Details are logged, not sent.
     Failed,
@@ -49,7 +61,7 @@ impl From<Error> for Rejection {
 }
 
 impl Rejection {
-    /// The status code: 409, 503 or 400.
+    /// The status code: 409, 503, 400, 422 or 413.
     ///
     /// ```
     /// let r = dimutex::layer::Rejection::Unavailable { retry_after: None };
@@ -59,7 +71,9 @@ impl Rejection {
         match self {
             Rejection::Held { .. } => StatusCode::CONFLICT,
             Rejection::Unavailable { .. } | Rejection::Failed => StatusCode::SERVICE_UNAVAILABLE,
-            Rejection::BadKey(_) => StatusCode::BAD_REQUEST,
+            Rejection::BadKey(_) | Rejection::BodyUnreadable => StatusCode::BAD_REQUEST,
+            Rejection::KeyReused => StatusCode::UNPROCESSABLE_ENTITY,
+            Rejection::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
         }
     }
 
@@ -73,7 +87,7 @@ impl Rejection {
         let d = match self {
             Rejection::Held { remaining } => (*remaining)?,
             Rejection::Unavailable { retry_after } => (*retry_after)?,
-            Rejection::BadKey(_) | Rejection::Failed => return None,
+            _ => return None,
         };
         Some(d.as_secs_f64().ceil().max(1.0) as u64)
     }
@@ -95,6 +109,17 @@ impl Rejection {
             Rejection::Failed => Bytes::from_static(FAILED_BODY.as_bytes()),
             Rejection::BadKey(reason) => {
                 problem_body(status, &format!("The request cannot be locked: {reason}."))
+            }
+            Rejection::KeyReused => problem_body(
+                status,
+                "This idempotency key was already used with a different request.",
+            ),
+            Rejection::BodyTooLarge { limit } => problem_body(
+                status,
+                &format!("The request body is larger than {limit} bytes."),
+            ),
+            Rejection::BodyUnreadable => {
+                problem_body(status, "The request body could not be read.")
             }
         };
         let mut response = Response::new(body);

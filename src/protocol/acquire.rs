@@ -7,6 +7,7 @@
 //!    │                             │  │
 //!    └──── absent (wait a moment ──┘  ├── expired ──▶ Takeover ── 200: acquired
 //!          if we saw it held)         │                  └── 412/404 ──▶ Inspect
+//!                                     ├── a live record, if asked for ──▶ Record
 //!                                     └── held: try ──▶ Held; wait ──▶ sleep, Inspect
 //! ```
 //!
@@ -15,6 +16,10 @@
 //! within the retry policy's budget (try mode) or until the deadline (wait mode). An
 //! acquisition that gives up while a write of ours may have landed reads the object once more
 //! and adopts it if it is ours; what it cannot resolve, its [`Trace`] tells the caller.
+//!
+//! A completed record (the idempotency layer's) is a lock whose ttl is its retention: held
+//! while it is live, taken over once it has expired. An acquisition that asks for records
+//! ends at a live one and hands it back.
 
 use std::time::{Duration, Instant, SystemTime};
 
@@ -84,17 +89,28 @@ enum Step {
 enum Next {
     Step(Step),
     Acquired(Acquired),
+    Record(ObjectState),
 }
 
-/// Takes the lock `name` for `owner`.
+/// How an acquisition that asked for records ends well.
+#[derive(Debug)]
+pub(crate) enum Entry {
+    Lock(Acquired),
+    /// A live completed record was found instead.
+    Record(ObjectState),
+}
+
+/// Takes the lock `name` for `owner`, or (with `records`) finds the live record there.
 pub(crate) async fn acquire(
     p: &Protocol,
     name: &str,
     owner: &str,
     mode: Mode,
     trace: &mut Trace,
-) -> Result<Acquired, Error> {
+    records: bool,
+) -> Result<Entry, Error> {
     let mut a = Acquisition::new(p, name, owner, mode, trace);
+    a.records = records;
     // A waiter on a throttled backend: the lock may have been deleted a moment ago, and a
     // create now would be refused. It reads first.
     let mut step = if a.waits() && p.recently_throttled() {
@@ -111,12 +127,13 @@ pub(crate) async fn acquire(
         };
         match next {
             Ok(Next::Step(next)) => step = next,
-            Ok(Next::Acquired(acquired)) => break Ok(acquired),
+            Ok(Next::Acquired(acquired)) => break Ok(Entry::Lock(acquired)),
+            Ok(Next::Record(state)) => break Ok(Entry::Record(state)),
             Err(e) => break Err(e),
         }
     };
     match result {
-        Err(e) if a.trace.may_have_landed => a.resolve(e).await,
+        Err(e) if a.trace.may_have_landed => a.resolve(e).await.map(Entry::Lock),
         result => result,
     }
 }
@@ -127,6 +144,8 @@ struct Acquisition<'a> {
     owner: &'a str,
     mode: Mode,
     trace: &'a mut Trace,
+    /// Whether a live record ends the acquisition (else it is a held lock).
+    records: bool,
     polls: Delays,
     /// Try mode: how often the lock vanished between our write and our read.
     rounds: usize,
@@ -159,6 +178,7 @@ impl<'a> Acquisition<'a> {
             owner,
             mode,
             trace,
+            records: false,
             polls: p.settings().poll.delays(),
             rounds: 0,
             seen_held: false,
@@ -266,6 +286,9 @@ impl<'a> Acquisition<'a> {
                         Err(Error::Held { remaining: None })
                     }
                     Verdict::Expired => Ok(Next::Step(Step::Takeover(state.version()))),
+                    Verdict::Held { .. } if self.records && object::is_record(&state) => {
+                        Ok(Next::Record(state))
+                    }
                     Verdict::Held { remaining } => self.held(remaining, read_sent).await,
                 }
             }
@@ -387,7 +410,7 @@ impl<'a> Acquisition<'a> {
                 match self.ours(state) {
                     Next::Acquired(acquired) => Ok(acquired),
                     // Ours, but too old to hold: the caller cleans it up.
-                    Next::Step(_) => Err(e),
+                    Next::Step(_) | Next::Record(_) => Err(e),
                 }
             }
             // Not there, or another's: ours may still land; the caller cleans up.

@@ -24,6 +24,7 @@ use crate::error::Error;
 
 pub(crate) mod acquire;
 pub(crate) mod cleanup;
+pub(crate) mod record;
 pub(crate) mod refresh;
 pub(crate) mod release;
 pub(crate) mod retry;

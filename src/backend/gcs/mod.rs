@@ -1,8 +1,11 @@
 //! The Google Cloud Storage backend, on the JSON API.
 
 use std::fmt;
+use std::io::Write as _;
 use std::sync::Arc;
 use std::time::Duration;
+
+use bytes::Bytes;
 
 use super::{Backend, BackendError, BoxFuture, Metadata, ObjectState, Reply, Version};
 
@@ -15,27 +18,11 @@ pub const GCS_ENDPOINT: &str = "https://storage.googleapis.com";
 /// The OAuth scope the backend asks for.
 pub const SCOPE: &str = "https://www.googleapis.com/auth/devstorage.read_write";
 
-/// The multipart boundary of uploads (a macro: the strings below are built from it at compile
-/// time).
-macro_rules! boundary {
-    () => {
-        "dimutex-7a1c3f0e9b2d4c86"
-    };
-}
+/// The multipart boundary of uploads, unless their contents contain it.
+const BOUNDARY: &str = "dimutex-7a1c3f0e9b2d4c86";
 
-const MULTIPART_CONTENT_TYPE: &str = concat!("multipart/related; boundary=", boundary!());
-const MULTIPART_HEAD: &str = concat!(
-    "--",
-    boundary!(),
-    "\r\nContent-Type: application/json; charset=UTF-8\r\n\r\n"
-);
-const MULTIPART_TAIL: &str = concat!(
-    "\r\n--",
-    boundary!(),
-    "\r\nContent-Type: text/plain\r\n\r\nlock\r\n--",
-    boundary!(),
-    "--\r\n"
-);
+/// The contents of a lock object.
+const LOCK_DATA: &[u8] = b"lock";
 
 /// Lock objects on Google Cloud Storage, through the JSON API.
 ///
@@ -241,32 +228,41 @@ impl GcsBackend {
         Err(r.error(name))
     }
 
+    /// The upload of an object with `metadata` and the contents `data`, on the write
+    /// preconditions of `expected`.
     fn upload(
         &self,
         name: &str,
         metadata: &Metadata,
         expected: Option<Version>,
+        data: &[u8],
     ) -> reqwest::RequestBuilder {
         let mut url = self.uploads.clone();
         let query = format!("uploadType=multipart&{}", preconditions(expected));
         url.set_query(Some(&query));
-        // The multipart body, the JSON resource serialized straight into it.
+        // The multipart body, the JSON resource serialized straight into it. Writing to a
+        // `Vec` fails only if `Metadata`'s serialization does, which it does not.
         let resource = UploadResource {
             name,
             cache_control: "no-store",
             content_type: "text/plain",
             metadata,
         };
-        let mut body = Vec::with_capacity(384);
-        body.extend_from_slice(MULTIPART_HEAD.as_bytes());
-        // Writing to a `Vec` fails only if `Metadata`'s serialization does, which it does not.
+        let boundary = boundary_outside(data);
+        let mut body = Vec::with_capacity(384 + data.len());
+        let _ = write!(
+            body,
+            "--{boundary}\r\nContent-Type: application/json; charset=UTF-8\r\n\r\n"
+        );
         let _ = serde_json::to_writer(&mut body, &resource);
-        body.extend_from_slice(MULTIPART_TAIL.as_bytes());
+        let _ = write!(body, "\r\n--{boundary}\r\nContent-Type: text/plain\r\n\r\n");
+        body.extend_from_slice(data);
+        let _ = write!(body, "\r\n--{boundary}--\r\n");
         self.http
             .post(url)
             .header(
                 http::header::CONTENT_TYPE,
-                http::HeaderValue::from_static(MULTIPART_CONTENT_TYPE),
+                format!("multipart/related; boundary={boundary}"),
             )
             .body(body)
     }
@@ -369,7 +365,7 @@ impl Backend for GcsBackend {
         metadata: &'a Metadata,
     ) -> BoxFuture<'a, Result<Reply<ObjectState>, BackendError>> {
         Box::pin(async move {
-            self.write(name, || self.upload(name, metadata, None), 1)
+            self.write(name, || self.upload(name, metadata, None, LOCK_DATA), 1)
                 .await
                 .map_err(|e| match e {
                     // On an upload, 404 means the bucket is missing.
@@ -403,8 +399,12 @@ impl Backend for GcsBackend {
         metadata: &'a Metadata,
     ) -> BoxFuture<'a, Result<Reply<ObjectState>, BackendError>> {
         Box::pin(async move {
-            self.write(name, || self.upload(name, metadata, Some(expected)), 1)
-                .await
+            self.write(
+                name,
+                || self.upload(name, metadata, Some(expected), LOCK_DATA),
+                1,
+            )
+            .await
         })
     }
 
@@ -447,6 +447,53 @@ impl Backend for GcsBackend {
             }
             Err(r.error(name))
         })
+    }
+
+    fn record<'a>(
+        &'a self,
+        name: &'a str,
+        expected: Version,
+        metadata: &'a Metadata,
+        data: &'a [u8],
+    ) -> BoxFuture<'a, Result<Reply<ObjectState>, BackendError>> {
+        Box::pin(async move {
+            let request = || self.upload(name, metadata, Some(expected), data);
+            self.write(name, request, 1).await
+        })
+    }
+
+    fn contents<'a>(
+        &'a self,
+        name: &'a str,
+        generation: i64,
+    ) -> BoxFuture<'a, Result<Reply<Bytes>, BackendError>> {
+        Box::pin(async move {
+            let request = || {
+                let mut url = self.object_url(name);
+                url.set_query(Some(&format!("alt=media&ifGenerationMatch={generation}")));
+                self.http.get(url)
+            };
+            let r = self.send(request).await?;
+            if r.status.is_success() {
+                return Ok(Reply::new(r.body, server_time(&r.headers)));
+            }
+            Err(r.error(name))
+        })
+    }
+}
+
+/// The multipart boundary of an upload of `data`: [`BOUNDARY`], or a random one when `data`
+/// contains it.
+fn boundary_outside(data: &[u8]) -> std::borrow::Cow<'static, str> {
+    let contains = |b: &str| data.windows(b.len()).any(|w| w == b.as_bytes());
+    if !contains(BOUNDARY) {
+        return BOUNDARY.into();
+    }
+    loop {
+        let boundary = format!("dimutex-{:032x}", rand::random::<u128>());
+        if !contains(&boundary) {
+            return boundary.into();
+        }
     }
 }
 
@@ -538,14 +585,17 @@ mod tests {
                  ?ifGenerationMatch=7&ifMetagenerationMatch=2"
             )
         );
-        let upload = b.upload(name, &Metadata::new(), None).build().unwrap();
+        let upload = b
+            .upload(name, &Metadata::new(), None, LOCK_DATA)
+            .build()
+            .unwrap();
         assert_eq!(
             upload.url().as_str(),
             "http://127.0.0.1:1/pre/fix/upload/storage/v1/b/b-1/o\
              ?uploadType=multipart&ifGenerationMatch=0"
         );
         let b = backend("https://storage.test").await;
-        let upload = b.upload(name, &Metadata::new(), Some(Version::new(5, 3)));
+        let upload = b.upload(name, &Metadata::new(), Some(Version::new(5, 3)), LOCK_DATA);
         assert_eq!(
             upload.build().unwrap().url().as_str(),
             "https://storage.test/upload/storage/v1/b/b-1/o\
