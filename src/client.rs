@@ -9,6 +9,7 @@ use tokio::sync::watch;
 
 use crate::backend::{Backend, ObjectState};
 use crate::backoff::{Backoff, RetryPolicy};
+use crate::done::{Acquisition, Done};
 use crate::driver::{self, DriverHandle, Job, Kept};
 use crate::error::{ConfigError, Error, ShutdownTimeout};
 use crate::guard::LockGuard;
@@ -233,6 +234,39 @@ impl Client {
         let name = self.name_of(&key)?;
         self.acquire_named(key, name, Mode::WaitUntil(deadline))
             .await
+    }
+
+    /// Takes the lock of `key` like [`try_acquire`](Self::try_acquire), unless the work it
+    /// guards was [completed](LockGuard::complete) within the retention of its record: then
+    /// [`Acquisition::Done`], with when. For work done once per period across a fleet ("the
+    /// nightly report once a day, on one machine"). A record past its retention is taken over
+    /// like an expired lock. Costs what `try_acquire` costs; finding the record, 2 requests.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), dimutex::Error> {
+    /// use std::time::Duration;
+    /// use dimutex::{Acquisition, Client, backend::MemoryBackend};
+    /// let client = Client::new(MemoryBackend::new());
+    /// match client.try_acquire_unless_done("nightly-report").await? {
+    ///     Acquisition::Lock(guard) => {
+    ///         // ... the report; on success:
+    ///         guard.complete(Duration::from_secs(20 * 3600)).await?;
+    ///     }
+    ///     Acquisition::Done(done) => println!("done at {:?}", done.completed_at()),
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub async fn try_acquire_unless_done<K>(&self, key: K) -> Result<Acquisition, Error>
+    where
+        K: TryInto<LockKey>,
+        K::Error: Into<Error>,
+    {
+        let key = key.try_into().map_err(Into::into)?;
+        let name = self.name_of(&key)?;
+        match self.enter_named(key, name, Mode::Try, true).await? {
+            Entered::Lock(guard) => Ok(Acquisition::Lock(guard)),
+            Entered::Record(state) => Ok(Acquisition::Done(Done::of(&state, self.ttl()))),
+        }
     }
 
     /// Gives up every lock this client holds and waits (up to `timeout`) until all of its

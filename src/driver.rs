@@ -115,7 +115,7 @@ pub(crate) async fn complete_lease(
     p: &Protocol,
     local: &Local,
     lease: &Arc<Lease>,
-    record: Record<'_>,
+    record: Completion<'_>,
 ) -> Result<bool, Error> {
     let mut known = lease.writer().await;
     if lease.is_over() {
@@ -157,7 +157,7 @@ pub(crate) async fn complete_lease(
 
 /// A completed record to be written: its own metadata fields, its contents, and how long it
 /// is kept (its ttl).
-pub(crate) struct Record<'a> {
+pub(crate) struct Completion<'a> {
     pub(crate) fields: Metadata,
     pub(crate) data: &'a [u8],
     pub(crate) retention: Duration,
@@ -205,7 +205,7 @@ impl DriverHandle {
     pub(crate) async fn complete(
         &self,
         lease: &Arc<Lease>,
-        record: Record<'_>,
+        record: Completion<'_>,
     ) -> Result<bool, Error> {
         complete_lease(&self.protocol, &self.local, lease, record).await
     }

@@ -5,9 +5,10 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use crate::driver::{DriverHandle, Record};
+use crate::backend::Metadata;
+use crate::driver::{Completion, DriverHandle};
 use crate::error::Error;
 use crate::key::LockKey;
 use crate::lease::Lease;
@@ -174,10 +175,40 @@ impl LockGuard {
 }
 
 impl LockGuard {
+    /// The work under this lock succeeded: the lock stays behind as a completed record for
+    /// `retention` (judged on the server's clock), one write conditional on the version we
+    /// hold, instead of the release's delete. Until then
+    /// [`Client::try_acquire_unless_done`](crate::Client::try_acquire_unless_done) of the key
+    /// answers [`Acquisition::Done`](crate::Acquisition::Done), and other acquisitions find it
+    /// held.
+    ///
+    /// `Ok(true)`: stored. `Ok(false)`: the lease was lost first (someone else changed the
+    /// lock), nothing stored. An error: the outcome is unknown (the backend kept failing for
+    /// the retry policy's budget); the guard is then released as if dropped, so either the
+    /// record or nothing remains.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), dimutex::Error> {
+    /// use std::time::Duration;
+    /// let client = dimutex::Client::new(dimutex::backend::MemoryBackend::new());
+    /// let guard = client.try_acquire("weekly-cleanup").await?;
+    /// assert!(guard.complete(Duration::from_secs(6 * 86_400)).await?);
+    /// assert!(client.try_acquire("weekly-cleanup").await.unwrap_err().is_held());
+    /// # Ok(()) }
+    /// ```
+    pub async fn complete(self, retention: Duration) -> Result<bool, Error> {
+        let completion = Completion {
+            fields: Metadata::new(),
+            data: &[],
+            retention,
+        };
+        self.complete_with(completion).await
+    }
+
     /// Turns the lock into the completed record `record` with one write conditional on the
     /// version we hold; see [`DriverHandle::complete`]. Unless the record is stored, the
     /// guard is dropped here, which releases what is still ours.
-    pub(crate) async fn complete(mut self, record: Record<'_>) -> Result<bool, Error> {
+    pub(crate) async fn complete_with(mut self, record: Completion<'_>) -> Result<bool, Error> {
         let result = self.driver.complete(&self.held.lease, record).await;
         if matches!(result, Ok(true)) {
             self.released = true;

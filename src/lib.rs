@@ -42,6 +42,7 @@
 pub mod backend;
 mod backoff;
 mod client;
+mod done;
 mod driver;
 mod error;
 #[cfg(feature = "axum")]
@@ -63,6 +64,7 @@ mod token;
 
 pub use backoff::{Backoff, RetryPolicy};
 pub use client::{Client, ClientBuilder, MIN_REFRESH_INTERVAL, MIN_TTL};
+pub use done::{Acquisition, Done};
 pub use error::{ConfigError, Error, ShutdownTimeout};
 pub use guard::{HeldLock, LockGuard, Lost};
 pub use inspect::LockStatus;

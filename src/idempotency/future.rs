@@ -29,7 +29,7 @@ use super::record::{self, Stored};
 use super::settings::Settings;
 use crate::backend::ObjectState;
 use crate::client::{Client, Entered};
-use crate::driver::Record;
+use crate::driver::Completion;
 use crate::guard::LockGuard;
 use crate::key::{LockKey, ObjectName};
 use crate::layer::{OnRejection, Rejection};
@@ -215,12 +215,12 @@ where
         Collected::Whole(bytes) => {
             let stored = Stored::new(parts.status, &parts.headers, bytes.clone());
             let (fields, data) = stored.encode(print);
-            let record = Record {
+            let record = Completion {
                 fields,
                 data: &data,
                 retention: settings.retention,
             };
-            match guard.complete(record).await {
+            match guard.complete_with(record).await {
                 Ok(true) => {}
                 Ok(false) => {
                     tracing::warn!(target: "dimutex::idempotency", key_id, "response not stored: the lock was lost first")
