@@ -10,10 +10,18 @@
 //! A request for a job that is already running — here or in another replica — gets the
 //! layer's `409 application/problem+json` with `Retry-After`. `GET /healthz` answers 200.
 //!
+//! A request with an `Idempotency-Key` header runs once per key ([`IdempotencyLayer`]): the
+//! same request again gets the stored response (`Idempotent-Replayed: true`) without running
+//! the job, the key with another body gets 422. Without the header, every request runs.
+//!
 //! ```sh
 //! cargo run --example jobs                # in-memory backend, 127.0.0.1:3000
 //! curl -i -X POST 'http://127.0.0.1:3000/jobs/nightly-report/run?hold_ms=10000' &
 //! curl -i -X POST 'http://127.0.0.1:3000/jobs/nightly-report/run'   # 409 while the first runs
+//!
+//! curl -i -X POST -H 'Idempotency-Key: k-1' 'http://127.0.0.1:3000/jobs/nightly-report/run'
+//! curl -i -X POST -H 'Idempotency-Key: k-1' 'http://127.0.0.1:3000/jobs/nightly-report/run' # replayed
+//! curl -i -X POST -H 'Idempotency-Key: k-1' -d '{"other":1}' 'http://127.0.0.1:3000/jobs/nightly-report/run' # 422
 //!
 //! # Two replicas on one bucket (GCS, or an emulator such as fake-gcs-server):
 //! export DIMUTEX_BUCKET=my-locks-bucket STORAGE_EMULATOR_HOST=127.0.0.1:4443
@@ -36,7 +44,8 @@ use axum::http::StatusCode;
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use dimutex::HeldLock;
-use dimutex::layer::{FromPathParam, LockLayer};
+use dimutex::idempotency::IdempotencyLayer;
+use dimutex::layer::{FromHeader, FromPathParam, LockLayer};
 use serde::{Deserialize, Serialize};
 
 /// The longest a job may be asked to hold its lock.
@@ -56,11 +65,19 @@ async fn run() -> Result<(), support::BoxError> {
         // `route_layer`: the layer runs after routing, so `FromPathParam` can see the matched
         // route, and unknown paths get a plain 404 without taking a lock.
         .route_layer(LockLayer::new(client.clone(), FromPathParam::new("job_id")))
+        // Outside the job's lock: a duplicate is answered before it queues for the job.
+        .route_layer(IdempotencyLayer::with_key(
+            client.clone(),
+            FromHeader::new("idempotency-key").optional(),
+        ))
         .route("/healthz", get(|| async { "ok" }));
 
     let (listener, base) = support::listen("127.0.0.1:3000").await?;
     println!("try:     curl -i -X POST '{base}/jobs/nightly-report/run?hold_ms=10000'");
     println!("and, while it runs: curl -i -X POST '{base}/jobs/nightly-report/run'   # 409");
+    println!(
+        "once per key: curl -i -X POST -H 'Idempotency-Key: k-1' '{base}/jobs/nightly-report/run'   # twice: replayed"
+    );
 
     axum::serve(listener, app)
         .with_graceful_shutdown(support::shutdown_signal())

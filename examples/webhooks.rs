@@ -1,26 +1,31 @@
-//! A webhook receiver that processes each delivery at most once at a time: the lock is named by
-//! the `X-Delivery-Id` header ([`FromHeader`]), so a redelivery that arrives while the first
+//! A webhook receiver that processes each delivery once: [`IdempotencyLayer`] keys each request
+//! by its `X-Delivery-Id` header ([`FromHeader`]). A redelivery that arrives while the first
 //! attempt is still running gets `409 Conflict` (with `Retry-After`) and the sender retries
-//! later, instead of both attempts running side by side.
+//! later, instead of both attempts running side by side; one that arrives after the first
+//! attempt succeeded gets its stored response (`Idempotent-Replayed: true`) without being
+//! processed again.
 //!
 //! `POST /webhooks?hold_ms=N` with header `X-Delivery-Id` "processes" the payload for `N`
 //! milliseconds (default 0, capped at 60000) and answers
 //! `200 {"delivery_id": "...", "token": 1234, "bytes": LEN}` (`token` is the fencing token, a
 //! JSON integer). Without the header the layer answers 400. `GET /healthz` answers 200.
 //!
-//! The lock keeps two attempts from overlapping; it does not remember finished deliveries. To
-//! skip a redelivery that arrives *after* the first attempt succeeded, record processed ids in
-//! your own store (writing the fencing token with them).
+//! A failed attempt (5xx) is not stored: the sender's retry is processed again. Records are
+//! kept 24 h (a bucket lifecycle rule on the lock prefix removes old ones).
 //!
 //! ```sh
 //! cargo run --example webhooks                            # in-memory backend, 127.0.0.1:3001
 //! curl -i -X POST -H 'X-Delivery-Id: d-42' -d '{"event":"push"}' 'http://127.0.0.1:3001/webhooks?hold_ms=10000' &
-//! curl -i -X POST -H 'X-Delivery-Id: d-42' -d '{"event":"push"}' 'http://127.0.0.1:3001/webhooks'   # 409
+//! curl -i -X POST -H 'X-Delivery-Id: d-42' -d '{"event":"push"}' 'http://127.0.0.1:3001/webhooks?hold_ms=10000'   # 409
+//! # once the first has answered, the same again: its stored response, not processed again
+//! curl -i -X POST -H 'X-Delivery-Id: d-42' -d '{"event":"push"}' 'http://127.0.0.1:3001/webhooks?hold_ms=10000'
 //! ```
 //!
 //! Environment: `ADDR`, `DIMUTEX_BUCKET`, `STORAGE_EMULATOR_HOST`, `DIMUTEX_TTL`, `RUST_LOG`, as
 //! for the `jobs` example. This example needs no crate feature: the layer is plain tower, and the
 //! handler reads the lock with axum's `Extension<HeldLock>`.
+//!
+//! [`IdempotencyLayer`]: dimutex::idempotency::IdempotencyLayer
 
 #[path = "support/backend.rs"]
 mod support;
@@ -30,11 +35,12 @@ use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::extract::{Extension, Query};
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use dimutex::HeldLock;
-use dimutex::layer::{FromHeader, LockLayer};
+use dimutex::idempotency::IdempotencyLayer;
+use dimutex::layer::FromHeader;
 use serde::{Deserialize, Serialize};
 
 const MAX_HOLD_MS: u64 = 60_000;
@@ -50,7 +56,7 @@ async fn run() -> Result<(), support::BoxError> {
 
     let app = Router::new()
         .route("/webhooks", post(receive))
-        .route_layer(LockLayer::new(
+        .route_layer(IdempotencyLayer::with_key(
             client.clone(),
             FromHeader::new("x-delivery-id"),
         ))
@@ -61,7 +67,7 @@ async fn run() -> Result<(), support::BoxError> {
         "try:     curl -i -X POST -H 'X-Delivery-Id: d-42' -d '{{\"event\":\"push\"}}' '{base}/webhooks?hold_ms=10000'"
     );
     println!(
-        "and, while it runs, the redelivery: curl -i -X POST -H 'X-Delivery-Id: d-42' -d '{{\"event\":\"push\"}}' '{base}/webhooks'   # 409"
+        "and the redelivery: curl -i -X POST -H 'X-Delivery-Id: d-42' -d '{{\"event\":\"push\"}}' '{base}/webhooks?hold_ms=10000'   # 409 while the first runs, its response after"
     );
 
     axum::serve(listener, app)
@@ -86,6 +92,7 @@ struct Processed {
 async fn receive(
     Extension(lock): Extension<HeldLock>,
     Query(params): Query<DeliveryParams>,
+    headers: HeaderMap,
     payload: Bytes,
 ) -> Result<Json<Processed>, (StatusCode, &'static str)> {
     let hold = Duration::from_millis(params.hold_ms.unwrap_or(0).min(MAX_HOLD_MS));
@@ -96,7 +103,12 @@ async fn receive(
         }
     }
     Ok(Json(Processed {
-        delivery_id: lock.key().as_str().to_owned(),
+        // The layer made sure the header is there; the lock's key is the record's name.
+        delivery_id: headers
+            .get("x-delivery-id")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_owned(),
         token: lock.token().get(),
         bytes: payload.len(),
     }))

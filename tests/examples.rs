@@ -366,6 +366,41 @@ async fn check_jobs(example: &Example, objects: Option<&(dyn Fn() -> ListObjects
     );
 }
 
+/// The `jobs` demo with `Idempotency-Key` (the README's curl lines): run, run again (the
+/// stored response, the job not run again), the key with another body (422), and a request
+/// without the key runs every time.
+async fn check_jobs_idempotency(example: &Example) {
+    let job = format!("idem-{}", std::process::id());
+    let run = |key: &str, body: &'static str| {
+        example
+            .http
+            .post(example.url(&format!("/jobs/{job}/run?hold_ms=50")))
+            .header("idempotency-key", key.to_owned())
+            .body(body)
+            .send()
+    };
+    let first = run("k-1", "").await.unwrap();
+    assert_eq!(first.status(), StatusCode::OK);
+    assert!(first.headers().get("idempotent-replayed").is_none());
+    let first = json(first).await;
+    let again = run("k-1", "").await.unwrap();
+    assert_eq!(again.status(), StatusCode::OK);
+    assert_eq!(header(&again, "idempotent-replayed"), "true");
+    assert_eq!(
+        json(again).await,
+        first,
+        "the same token: the job did not run again"
+    );
+    let other = run("k-1", r#"{"other":1}"#).await.unwrap();
+    assert_eq!(other.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(header(&other, "content-type"), "application/problem+json");
+    let plain = json(example.post(&format!("/jobs/{job}/run")).await).await;
+    assert_ne!(
+        plain["token"], first["token"],
+        "without a key, the job runs"
+    );
+}
+
 type ListObjects = std::pin::Pin<Box<dyn std::future::Future<Output = Vec<String>> + Send>>;
 
 /// The object names in the emulator's bucket.
@@ -401,6 +436,7 @@ async fn jobs_on_the_memory_backend() {
     assert!(example.banner_mentions("in-memory"), "{:?}", example.banner);
     assert!(example.banner_mentions("curl "), "{:?}", example.banner);
     check_jobs(&example, None).await;
+    check_jobs_idempotency(&example).await;
 }
 
 #[tokio::test]
@@ -426,6 +462,7 @@ async fn jobs_on_fake_gcs_server() {
     );
     let list = lister(&server);
     check_jobs(&example, Some(&list)).await;
+    check_jobs_idempotency(&example).await;
 }
 
 #[tokio::test]
@@ -505,6 +542,12 @@ async fn webhooks_one_delivery_at_a_time() {
     assert_eq!(ok["delivery_id"], "d-1");
     assert_eq!(ok["bytes"], 16);
     assert!(ok["token"].is_i64(), "{ok}");
+
+    // A redelivery after the first attempt answered: its stored response, not run again.
+    let replay = deliver(Some("d-1"), 1000).await;
+    assert_eq!(replay.status(), StatusCode::OK);
+    assert_eq!(header(&replay, "idempotent-replayed"), "true");
+    assert_eq!(json(replay).await, ok, "the first attempt's response");
 
     // Different deliveries run side by side.
     let started = Instant::now();
