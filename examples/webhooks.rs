@@ -10,6 +10,11 @@
 //! `200 {"delivery_id": "...", "token": 1234, "bytes": LEN}` (`token` is the fencing token, a
 //! JSON integer). Without the header the layer answers 400. `GET /healthz` answers 200.
 //!
+//! Deliveries about one customer are also processed one at a time: [`JsonKeyLayer`] reads the
+//! customer from the payload (`/data/object/customer`, as Stripe sends it) and a [`LockLayer`]
+//! keyed by it answers 409 to a second delivery for that customer while the first runs
+//! (deliveries without the field take no customer lock).
+//!
 //! A failed attempt (5xx) is not stored: the sender's retry is processed again. Records are
 //! kept 24 h (a bucket lifecycle rule on the lock prefix removes old ones).
 //!
@@ -26,6 +31,8 @@
 //! handler reads the lock with axum's `Extension<HeldLock>`.
 //!
 //! [`IdempotencyLayer`]: dimutex::idempotency::IdempotencyLayer
+//! [`JsonKeyLayer`]: dimutex::json_key::JsonKeyLayer
+//! [`LockLayer`]: dimutex::layer::LockLayer
 
 #[path = "support/backend.rs"]
 mod support;
@@ -40,7 +47,8 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use dimutex::HeldLock;
 use dimutex::idempotency::IdempotencyLayer;
-use dimutex::layer::FromHeader;
+use dimutex::json_key::{BodyKey, JsonKeyLayer};
+use dimutex::layer::{FromExtension, FromHeader, LockLayer};
 use serde::{Deserialize, Serialize};
 
 const MAX_HOLD_MS: u64 = 60_000;
@@ -56,10 +64,19 @@ async fn run() -> Result<(), support::BoxError> {
 
     let app = Router::new()
         .route("/webhooks", post(receive))
+        // Innermost: one delivery per customer at a time.
+        .route_layer(LockLayer::new(
+            client.clone(),
+            FromExtension::<BodyKey>::new().optional(),
+        ))
+        // Each delivery once: a redelivery gets the stored response without taking the
+        // customer's lock.
         .route_layer(IdempotencyLayer::with_key(
             client.clone(),
             FromHeader::new("x-delivery-id"),
         ))
+        // Outermost: the customer, read from the payload.
+        .route_layer(JsonKeyLayer::new("/data/object/customer").optional())
         .route("/healthz", get(|| async { "ok" }));
 
     let (listener, base) = support::listen("127.0.0.1:3001").await?;

@@ -50,6 +50,7 @@ pub mod extract;
 mod guard;
 pub mod idempotency;
 mod inspect;
+pub mod json_key;
 mod key;
 pub mod layer;
 mod lease;

@@ -559,6 +559,32 @@ async fn webhooks_one_delivery_at_a_time() {
         started.elapsed()
     );
 
+    // Two deliveries for one customer at once are serialized; two customers run side by side.
+    let for_customer = |id: &'static str, customer: &str| {
+        let body = format!(r#"{{"data":{{"object":{{"customer":"{customer}"}}}}}}"#);
+        let request = example
+            .http
+            .post(example.url("/webhooks?hold_ms=600"))
+            .header("x-delivery-id", id)
+            .body(body);
+        async move { request.send().await.expect("a delivery") }
+    };
+    let (a, b) = tokio::join!(for_customer("c-1", "cus_1"), for_customer("c-2", "cus_1"));
+    let mut statuses = [a.status(), b.status()];
+    statuses.sort();
+    assert_eq!(
+        statuses,
+        [StatusCode::OK, StatusCode::CONFLICT],
+        "one customer"
+    );
+    let started = Instant::now();
+    let (a, b) = tokio::join!(for_customer("c-3", "cus_2"), for_customer("c-4", "cus_3"));
+    assert_eq!((a.status(), b.status()), (StatusCode::OK, StatusCode::OK));
+    assert!(
+        started.elapsed() < Duration::from_millis(1150),
+        "two customers"
+    );
+
     // No delivery id, no lock: 400.
     let missing = deliver(None, 0).await;
     assert_eq!(missing.status(), StatusCode::BAD_REQUEST);

@@ -53,6 +53,13 @@ impl<B: Body> IdempotentBody<B> {
     }
 }
 
+/// [`IdempotentBody::full`].
+impl<B: Body> From<Bytes> for IdempotentBody<B> {
+    fn from(bytes: Bytes) -> Self {
+        Self::full(bytes)
+    }
+}
+
 impl<B> Body for IdempotentBody<B>
 where
     B: Body<Data = Bytes>,

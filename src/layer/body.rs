@@ -63,6 +63,13 @@ impl<B> LockBody<B> {
     }
 }
 
+/// A body of these bytes alone, holding no lock (what a layer outside answers with).
+impl<B> From<Bytes> for LockBody<B> {
+    fn from(bytes: Bytes) -> Self {
+        Self::rejection(bytes)
+    }
+}
+
 impl<B> Body for LockBody<B>
 where
     B: Body,
