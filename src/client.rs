@@ -395,11 +395,12 @@ impl Client {
         };
         let p = &*self.inner.protocol;
         let entry = acquire::acquire(p, &name, &owner, mode, &mut attempt.trace, records).await?;
-        let ticket = attempt.done();
         let acquired = match entry {
             Entry::Lock(acquired) => acquired,
+            // A write of ours that may have landed is cleaned up as the attempt is dropped.
             Entry::Record(state) => return Ok(Entered::Record(state)),
         };
+        let ticket = attempt.done();
         tracing::debug!(target: "dimutex", key_id = crate::key_id(&key), how = ?acquired.how, elapsed_ms = acquired.sent.elapsed().as_millis() as u64, "acquired");
         let guard = self.hold(key, name, owner, acquired, ticket, &attempt.driver);
         Ok(Entered::Lock(guard))

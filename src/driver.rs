@@ -108,9 +108,10 @@ pub(crate) async fn release_lease(
 
 /// Turns `lease` into a completed record kept for `retention`, with the record's `fields` and
 /// contents `data` (after the write in flight, if there is one): `Ok(true)` when it is
-/// stored, and the lease is finished; `Ok(false)` when the lease
-/// was over or its lock changed by someone else first (nothing stored, the lease lost); an
-/// error when the outcome is unknown (the lease stays, and its release settles it).
+/// stored, and the lease is finished; `Ok(false)` when the lease was revoked or refused, or
+/// its lock changed by someone else first (nothing stored, the lease lost); an error when the
+/// outcome is unknown (the lease stays, and its release settles it). A lease that only ran
+/// out is still tried: the write lands only if nobody took the lock over meanwhile.
 pub(crate) async fn complete_lease(
     p: &Protocol,
     local: &Local,
@@ -118,7 +119,7 @@ pub(crate) async fn complete_lease(
     record: Completion<'_>,
 ) -> Result<bool, Error> {
     let mut known = lease.writer().await;
-    if lease.is_over() {
+    if !lease.may_still_be_ours() {
         return Ok(false);
     }
     let s = p.settings();
@@ -150,7 +151,9 @@ pub(crate) async fn complete_lease(
                 tracing::warn!(target: "dimutex", key_id, "lease lost before its record was written: the lock object was changed or removed by someone else");
             }
         }
-        Err(e) => tracing::warn!(target: "dimutex", key_id, error = %e, "record write failed"),
+        Err(e) => {
+            tracing::warn!(target: "dimutex", key_id, error = %e, "record write failed; the lock is released")
+        }
     }
     result
 }

@@ -180,10 +180,10 @@ impl LockGuard {
     /// hold, instead of the release's delete. Until then
     /// [`Client::try_acquire_unless_done`](crate::Client::try_acquire_unless_done) of the key
     /// answers [`Acquisition::Done`](crate::Acquisition::Done), and other acquisitions find it
-    /// held.
+    /// held. `retention` is clamped to between 1 s and 10 years.
     ///
-    /// `Ok(true)`: stored. `Ok(false)`: the lease was lost first (someone else changed the
-    /// lock), nothing stored. An error: the outcome is unknown (the backend kept failing for
+    /// `Ok(true)`: stored. `Ok(false)`: nothing stored, the lease was lost first (someone
+    /// else changed the lock, or the client shut down). An error: the outcome is unknown (the backend kept failing for
     /// the retry policy's budget); the guard is then released as if dropped, so either the
     /// record or nothing remains.
     ///

@@ -164,6 +164,13 @@ impl Lease {
         self.healthy_for().is_some()
     }
 
+    /// Whether the lock object may still be ours: the lease is live, or ran out without
+    /// anybody else's change seen (a write conditional on our version may still land).
+    pub(crate) fn may_still_be_ours(&self) -> bool {
+        let state = self.state();
+        !state.finished && matches!(state.end, End::Live | End::Lost(Cause::DeadlinePassed))
+    }
+
     /// Lost or ended.
     pub(crate) fn is_over(&self) -> bool {
         self.state().end != End::Live

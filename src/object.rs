@@ -93,7 +93,13 @@ pub(crate) fn lock_metadata(ttl: Duration, owner: &str, wall_now: SystemTime) ->
     ])
 }
 
-/// The metadata of a completed record, kept for `retention`: a lock whose ttl is the
+/// The shortest retention a record is written with: a second.
+pub(crate) const MIN_RETENTION: Duration = Duration::from_secs(1);
+/// The longest: ten years (a ttl is read back up to 1e9 s, and `expires` up to year 9999).
+pub(crate) const MAX_RETENTION: Duration = Duration::from_secs(10 * 366 * 86_400);
+
+/// The metadata of a completed record, kept for `retention` (within [`MIN_RETENTION`] and
+/// [`MAX_RETENTION`]): a lock whose ttl is the
 /// retention (so that it is judged, and taken over once expired, like any lock), with the
 /// record's own `fields` and the [`RECORD`] marker.
 pub(crate) fn record_metadata(
@@ -102,6 +108,7 @@ pub(crate) fn record_metadata(
     wall_now: SystemTime,
     fields: Metadata,
 ) -> Metadata {
+    let retention = retention.clamp(MIN_RETENTION, MAX_RETENTION);
     let mut md = fields;
     md.extend(lock_metadata(retention, owner, wall_now));
     md.insert(RECORD.to_owned(), "1".to_owned());

@@ -88,6 +88,18 @@ async fn send(service: &Svc, request: Request<Full<Bytes>>) -> Response<Bytes> {
     service.clone().oneshot(request).await.unwrap()
 }
 
+/// Waits (up to a second) for the backend to hold `n` objects: a lock released as its body
+/// ended is deleted by the lease driver in the background.
+async fn until_objects(backend: &MemoryBackend, n: usize) {
+    for _ in 0..100 {
+        if backend.object_count() == n {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("{} objects, not {n}", backend.object_count());
+}
+
 fn layer(backend: &MemoryBackend) -> IdempotencyLayer {
     IdempotencyLayer::new(Client::new(backend.clone()))
 }
@@ -205,6 +217,7 @@ async fn a_5xx_is_not_stored_and_the_retry_runs_again() {
         let r = send(&service, post(Some("k"), "")).await;
         assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(r.headers()["x-run"], n.to_string().as_str());
+        until_objects(&backend, 0).await;
     }
     assert_eq!(handler.runs(), 2);
     assert_eq!(backend.object_count(), 0, "released, not stored");
@@ -257,6 +270,7 @@ async fn bodies_over_the_caps_are_413_or_sent_unstored() {
             format!("run {n} of small").len() + 2000,
             "sent whole"
         );
+        until_objects(&backend, 0).await;
     }
     assert_eq!(handler.runs(), 2, "not stored: the retry ran again");
     assert_eq!(backend.object_count(), 0);
@@ -420,4 +434,35 @@ async fn a_handler_that_panics_leaves_no_record() {
     .await;
     assert_eq!(r.status(), StatusCode::CREATED);
     assert_eq!(handler.runs(), 1);
+}
+
+#[tokio::test]
+async fn an_unstored_response_holds_the_lock_until_its_body_has_been_sent() {
+    let backend = MemoryBackend::new();
+    let runs = Arc::new(AtomicUsize::new(0));
+    let inner = {
+        let runs = runs.clone();
+        tower::service_fn(move |_req: Request<Full<Bytes>>| {
+            runs.fetch_add(1, Ordering::SeqCst);
+            async move {
+                let mut response = Response::new(Full::new(Bytes::from("unavailable")));
+                *response.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+                Ok::<_, Infallible>(response)
+            }
+        })
+    };
+    let service = layer(&backend).layer(inner);
+    let first = service.clone().oneshot(post(Some("k"), "")).await.unwrap();
+    // The body not read yet: a duplicate finds the lock held.
+    let duplicate = service.clone().oneshot(post(Some("k"), "")).await.unwrap();
+    assert_eq!(duplicate.status(), StatusCode::CONFLICT);
+    drop(duplicate);
+    assert_eq!(
+        first.into_body().collect().await.unwrap().to_bytes(),
+        "unavailable"
+    );
+    until_objects(&backend, 0).await;
+    let retry = service.oneshot(post(Some("k"), "")).await.unwrap();
+    assert_eq!(retry.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(runs.load(Ordering::SeqCst), 2);
 }

@@ -5,10 +5,12 @@
 use std::collections::VecDeque;
 use std::fmt;
 use std::pin::Pin;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
+
+use crate::guard::LockGuard;
 
 /// The body of responses from [`IdempotencyService`](super::IdempotencyService).
 ///
@@ -23,6 +25,8 @@ pub struct IdempotentBody<B: Body> {
     head: VecDeque<Frame<Bytes>>,
     rest: Option<Pin<Box<B>>>,
     error: Option<<B as Body>::Error>,
+    /// The lock of a response not stored, released once the body ends (or is dropped).
+    guard: Option<LockGuard>,
 }
 
 // No field is pinned structurally: the inner body is boxed.
@@ -40,6 +44,7 @@ impl<B: Body> IdempotentBody<B> {
             head,
             rest: None,
             error: None,
+            guard: None,
         }
     }
 
@@ -49,7 +54,18 @@ impl<B: Body> IdempotentBody<B> {
         rest: Option<Pin<Box<B>>>,
         error: Option<B::Error>,
     ) -> Self {
-        Self { head, rest, error }
+        Self {
+            head,
+            rest,
+            error,
+            guard: None,
+        }
+    }
+
+    /// This body, holding `guard` until its end.
+    pub(crate) fn holding(mut self, guard: LockGuard) -> Self {
+        self.guard = Some(guard);
+        self
     }
 }
 
@@ -75,13 +91,20 @@ where
         if let Some(frame) = this.head.pop_front() {
             return Poll::Ready(Some(Ok(frame)));
         }
-        if let Some(e) = this.error.take() {
-            return Poll::Ready(Some(Err(e)));
+        let next = match (this.error.take(), &mut this.rest) {
+            (Some(e), _) => Some(Err(e)),
+            (None, Some(rest)) => ready!(rest.as_mut().poll_frame(cx)),
+            (None, None) => None,
+        };
+        let done = match &next {
+            None | Some(Err(_)) => true,
+            Some(Ok(_)) => this.is_end_stream(),
+        };
+        if done {
+            // Dropping the guard has the client's lease driver release the lock.
+            this.guard.take();
         }
-        match &mut this.rest {
-            Some(rest) => rest.as_mut().poll_frame(cx),
-            None => Poll::Ready(None),
-        }
+        Poll::Ready(next)
     }
 
     fn is_end_stream(&self) -> bool {
@@ -116,6 +139,7 @@ impl<B: Body> fmt::Debug for IdempotentBody<B> {
         f.debug_struct("IdempotentBody")
             .field("buffered_frames", &self.head.len())
             .field("streaming", &self.rest.is_some())
+            .field("holds_lock", &self.guard.is_some())
             .finish_non_exhaustive()
     }
 }

@@ -36,8 +36,10 @@ pub(crate) fn fingerprint(parts: &Parts, headers: &[HeaderName], body: &[u8]) ->
     let target = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
     field(&mut h, target.as_bytes());
     for name in headers {
+        let values = parts.headers.get_all(name);
         field(&mut h, name.as_str().as_bytes());
-        for value in parts.headers.get_all(name) {
+        h.update((values.iter().count() as u64).to_be_bytes());
+        for value in values {
             field(&mut h, value.as_bytes());
         }
     }

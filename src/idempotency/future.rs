@@ -25,7 +25,7 @@ use tower_service::Service;
 
 use super::body::IdempotentBody;
 use super::fingerprint::fingerprint;
-use super::record::{self, Stored};
+use super::record::{self, Layout, Stored};
 use super::settings::Settings;
 use crate::backend::ObjectState;
 use crate::client::{Client, Entered};
@@ -164,31 +164,30 @@ async fn replay(
     state: ObjectState,
     print: &str,
 ) -> Result<Response<Bytes>, Rejection> {
+    // Replaced since it was read (expired and taken over), or not readable by this
+    // version: the key is busy for now.
+    let busy = Rejection::Held {
+        remaining: Some(Duration::from_secs(1)),
+    };
     let Some(decoded) = record::decode(state.metadata()) else {
         tracing::warn!(target: "dimutex::idempotency", "a record this crate cannot read is in the way");
-        return Err(Rejection::Failed);
+        return Err(busy);
     };
     let unprinted = print == NO_FINGERPRINT || decoded.fingerprint == NO_FINGERPRINT;
     if !unprinted && decoded.fingerprint != print {
         return Err(Rejection::KeyReused);
     }
-    let body = match &decoded.body {
-        record::Body::Inline(body) => body.clone(),
-        record::Body::Contents(len) => {
+    let contents = match decoded.layout {
+        Layout::Inline { .. } => None,
+        Layout::Contents { .. } => {
             let generation = state.version().generation();
-            match client.record_contents(name, generation).await {
-                Ok(Some(body)) if body.len() == *len => body,
-                // Replaced since it was read (expired and taken over): try again shortly.
-                Ok(_) => {
-                    return Err(Rejection::Held {
-                        remaining: Some(Duration::from_secs(1)),
-                    });
-                }
-                Err(e) => return Err(Rejection::from(e)),
-            }
+            client
+                .record_contents(name, generation)
+                .await
+                .map_err(Rejection::from)?
         }
     };
-    Ok(decoded.replay(body))
+    decoded.replay(contents).ok_or(busy)
 }
 
 /// Runs the handler under the lock, and stores its response if it should be.
@@ -208,8 +207,9 @@ where
     // An error or a panic drops the guard: released, nothing stored.
     let (parts, body) = inner.call(request).await?.into_parts();
     if !(settings.store_if)(parts.status) {
-        let _ = guard.release().await;
-        return Ok(Response::from_parts(parts, streamed(body)));
+        // Not stored: the lock is held until the body has been sent, then released.
+        let body = IdempotentBody::resumed(VecDeque::new(), Some(Box::pin(body)), None);
+        return Ok(Response::from_parts(parts, body.holding(guard)));
     }
     let (head, rest, error) = match collect_capped(body, settings.max_response_body).await {
         Collected::Whole(bytes) => {
@@ -225,20 +225,16 @@ where
                 Ok(false) => {
                     tracing::warn!(target: "dimutex::idempotency", key_id, "response not stored: the lock was lost first")
                 }
-                Err(e) => {
-                    tracing::warn!(target: "dimutex::idempotency", key_id, error = %e, "response not stored: the record write failed")
-                }
+                // Logged by the lease driver.
+                Err(_) => {}
             }
             return Ok(Response::from_parts(parts, IdempotentBody::full(bytes)));
         }
         Collected::Partial { head, rest, error } => (head, rest, error),
     };
     tracing::warn!(target: "dimutex::idempotency", key_id, limit = settings.max_response_body, "response not stored: its body is over the limit, has trailers or failed");
-    let _ = guard.release().await;
-    Ok(Response::from_parts(
-        parts,
-        IdempotentBody::resumed(head, rest, error),
-    ))
+    let body = IdempotentBody::resumed(head, rest, error);
+    Ok(Response::from_parts(parts, body.holding(guard)))
 }
 
 fn streamed<B: Body>(body: B) -> IdempotentBody<B> {

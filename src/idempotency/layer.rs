@@ -65,7 +65,8 @@ impl<K, R> IdempotencyLayer<K, R> {
     }
 
     /// How long a completed record answers duplicates, judged on the server's clock
-    /// (default 24 h). An older record is taken over, and the request runs again.
+    /// (default 24 h; within 1 s and 10 years, longer or shorter values are clamped). An older
+    /// record is taken over, and the request runs again.
     pub fn retention(mut self, retention: Duration) -> Self {
         self.settings.retention = retention;
         self

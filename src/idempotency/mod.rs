@@ -22,17 +22,24 @@
 //! What is run and what is stored:
 //! - **At most one at a time, exactly one stored answer, at least once.** A handler that
 //!   panics, a client that goes away, a response not to be stored (5xx, 429, over the body
-//!   cap) or a lease lost before the record is written leave no record: the key is free again
-//!   (at once, or once the lock's ttl has run out), and a retry runs the handler again.
-//! - **A record write that fails** (the backend unreachable until the lease's deadline) still
-//!   sends the handler's response, and logs a warning. A retry then finds the lock until its
-//!   ttl runs out (409), and runs again after that — or, if the write landed after all, the
-//!   record.
+//!   cap; its lock is held until its body has been sent) or a lease lost before the record is
+//!   written leave no record: the key is free again, and a retry runs the handler again. "One
+//!   at a time" is the lock's lease: a handler still running after its lease was lost (the
+//!   backend unreachable for a whole ttl) may overlap the next; long handlers watch
+//!   [`HeldLock::lost`](crate::HeldLock::lost) and pass the fencing token on.
+//! - **The answer comes after the record.** A stored response is sent once its record is
+//!   written, so a retry after it gets the replay. If the write fails (the backend refusing,
+//!   or unreachable for the retry policy's budget), the response is still sent, a warning is
+//!   logged, and the lock is released: a retry runs again, or, if the write landed after all,
+//!   gets the record.
 //! - **Cost.** The first request costs a lock cycle's two mutations (create, then the record
 //!   write instead of the delete). A replay changes nothing in the bucket: the create is
-//!   refused (412) and one read returns the record, with its body when that is small (headers
-//!   and base64 body up to 6 KiB ride in the object's metadata); a larger body is the
-//!   object's contents, one read more.
+//!   refused (412) and one read returns the record, with its response when that is small
+//!   (headers and base64 body up to 3 KiB each ride in the object's metadata); a larger one
+//!   is the object's contents, one read more.
+//! - Replays are byte for byte the first response's status, body and headers, except
+//!   `Set-Cookie`, `Date`, hop-by-hop headers and values that are not UTF-8. Put compression
+//!   outside this layer, or the encoding the first client asked for is replayed to all.
 //! - Records stay in the bucket after their retention until a later request takes them
 //!   over; a bucket lifecycle rule (delete objects older than N days under the client's
 //!   prefix + `idempotency/`) cleans them up.

@@ -4,10 +4,15 @@
 //! | metadata | value |
 //! |---|---|
 //! | `status` | the status code |
-//! | `headers` | the replayable headers, a JSON array of `[name, value]` pairs |
 //! | `fingerprint` | the request's fingerprint (hex SHA-256), `-` when fingerprints are off |
-//! | `body` | the body in base64, for a small response: one read returns it all |
-//! | `body-bytes` | the body's length, when the body is the object's contents instead |
+//! | `body-bytes` | the body's length |
+//! | `headers` | a small response's replayable headers, a JSON array of `[name, value]` pairs |
+//! | `body` | a small response's body in base64 (absent when empty): one read returns it all |
+//! | `headers-bytes` | a larger response's: the length of its headers JSON, which the object's contents begin with, followed by the body |
+//!
+//! GCS allows 8 KiB of custom metadata per object (and documents 4 KiB per value for some of
+//! its APIs): a response is inline only when its headers JSON and its base64 body each fit in
+//! [`VALUE_LIMIT`].
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
@@ -21,10 +26,10 @@ const HEADERS: &str = "headers";
 const FINGERPRINT: &str = "fingerprint";
 const BODY: &str = "body";
 const BODY_BYTES: &str = "body-bytes";
+const HEADERS_BYTES: &str = "headers-bytes";
 
-/// GCS allows 8 KiB of custom metadata per object: a response whose headers and base64 body
-/// fit in this many bytes is stored in the metadata, the rest in the object's contents.
-const INLINE_LIMIT: usize = 6 * 1024;
+/// The longest inline value: two of them and the other fields stay under GCS's 8 KiB.
+const VALUE_LIMIT: usize = 3 * 1024;
 
 /// Headers never replayed: per-connection (hop-by-hop), per-response (`Date`), or
 /// belonging to the first client alone (`Set-Cookie`).
@@ -48,14 +53,6 @@ pub(crate) struct Stored {
     pub(crate) status: StatusCode,
     pub(crate) headers: Vec<(String, String)>,
     pub(crate) body: Bytes,
-}
-
-/// Where a stored response's body is.
-#[derive(Debug, PartialEq, Eq)]
-pub(crate) enum Body {
-    Inline(Bytes),
-    /// In the object's contents, this many bytes.
-    Contents(usize),
 }
 
 impl Stored {
@@ -83,66 +80,107 @@ impl Stored {
         let mut md = Metadata::from([
             (STATUS.to_owned(), self.status.as_u16().to_string()),
             (FINGERPRINT.to_owned(), fingerprint.to_owned()),
+            (BODY_BYTES.to_owned(), self.body.len().to_string()),
         ]);
-        let inline_len = headers.len() + self.body.len().div_ceil(3) * 4;
-        let data = if inline_len <= INLINE_LIMIT {
-            md.insert(BODY.to_owned(), BASE64.encode(&self.body));
-            Bytes::new()
-        } else {
-            md.insert(BODY_BYTES.to_owned(), self.body.len().to_string());
-            self.body.clone()
-        };
-        md.insert(HEADERS.to_owned(), headers);
-        (md, data)
+        let body = BASE64.encode(&self.body);
+        if headers.len() <= VALUE_LIMIT && body.len() <= VALUE_LIMIT {
+            if !body.is_empty() {
+                md.insert(BODY.to_owned(), body);
+            }
+            md.insert(HEADERS.to_owned(), headers);
+            return (md, Bytes::new());
+        }
+        md.insert(HEADERS_BYTES.to_owned(), headers.len().to_string());
+        let mut data = Vec::with_capacity(headers.len() + self.body.len());
+        data.extend_from_slice(headers.as_bytes());
+        data.extend_from_slice(&self.body);
+        (md, data.into())
     }
 }
 
-/// A record read back: its fingerprint, and the response without its body (or with it, when
-/// inline).
+/// A record read back: its fingerprint, and its response (or where to find it).
 #[derive(Debug)]
 pub(crate) struct Decoded {
     pub(crate) fingerprint: String,
-    pub(crate) status: StatusCode,
-    pub(crate) headers: Vec<(String, String)>,
-    pub(crate) body: Body,
+    status: StatusCode,
+    body_len: usize,
+    pub(crate) layout: Layout,
+}
+
+/// Where a record's response is.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Layout {
+    Inline {
+        headers: Vec<(String, String)>,
+        body: Bytes,
+    },
+    /// In the object's contents: this many bytes of headers JSON, then the body.
+    Contents { headers_len: usize },
 }
 
 /// Reads a record's metadata; `None` when it is not one this crate wrote.
 pub(crate) fn decode(md: &Metadata) -> Option<Decoded> {
     let status = StatusCode::from_u16(md.get(STATUS)?.parse().ok()?).ok()?;
-    let headers = serde_json::from_str(md.get(HEADERS)?).ok()?;
-    let body = match (md.get(BODY), md.get(BODY_BYTES)) {
-        (Some(inline), None) => Body::Inline(BASE64.decode(inline).ok()?.into()),
-        (None, Some(len)) => Body::Contents(len.parse().ok()?),
+    let body_len = md.get(BODY_BYTES)?.parse().ok()?;
+    let layout = match (md.get(HEADERS), md.get(HEADERS_BYTES)) {
+        (Some(headers), None) => {
+            let body: Bytes = match md.get(BODY) {
+                Some(b64) => BASE64.decode(b64).ok()?.into(),
+                None => Bytes::new(),
+            };
+            if body.len() != body_len {
+                return None;
+            }
+            Layout::Inline {
+                headers: serde_json::from_str(headers).ok()?,
+                body,
+            }
+        }
+        (None, Some(len)) => Layout::Contents {
+            headers_len: len.parse().ok()?,
+        },
         _ => return None,
     };
     Some(Decoded {
         fingerprint: md.get(FINGERPRINT)?.clone(),
         status,
-        headers,
-        body,
+        body_len,
+        layout,
     })
 }
 
 impl Decoded {
-    /// The replay: the stored status, headers and `body`, and `Idempotent-Replayed: true`.
-    pub(crate) fn replay(self, body: Bytes) -> http::Response<Bytes> {
+    /// The replay: the stored status, headers and body, and `Idempotent-Replayed: true`;
+    /// `contents` are the object's, for a response stored there. `None` when the contents are
+    /// not this record's.
+    pub(crate) fn replay(self, contents: Option<Bytes>) -> Option<http::Response<Bytes>> {
+        let (headers, body) = match self.layout {
+            Layout::Inline { headers, body } => (headers, body),
+            Layout::Contents { headers_len } => {
+                let contents = contents?;
+                if contents.len() != headers_len.checked_add(self.body_len)? {
+                    return None;
+                }
+                let headers = serde_json::from_slice(&contents[..headers_len]).ok()?;
+                (headers, contents.slice(headers_len..))
+            }
+        };
         let mut response = http::Response::new(body);
         *response.status_mut() = self.status;
-        let headers = response.headers_mut();
-        for (name, value) in &self.headers {
+        let map = response.headers_mut();
+        for (name, value) in &headers {
             if let (Ok(name), Ok(value)) = (
                 HeaderName::from_bytes(name.as_bytes()),
                 HeaderValue::from_str(value),
             ) {
-                headers.append(name, value);
+                map.append(name, value);
             }
         }
-        headers.insert(
+        map.insert(
             HeaderName::from_static("idempotent-replayed"),
             HeaderValue::from_static("true"),
         );
-        response
+        Some(response)
     }
 }
 
@@ -171,6 +209,10 @@ mod tests {
         h
     }
 
+    fn metadata_bytes(md: &Metadata) -> usize {
+        md.iter().map(|(k, v)| k.len() + v.len()).sum()
+    }
+
     #[test]
     fn a_small_response_is_stored_in_the_metadata_and_replayed_as_it_was() {
         let stored = Stored::new(StatusCode::CREATED, &response_headers(), Bytes::from("{}"));
@@ -178,9 +220,9 @@ mod tests {
         assert!(data.is_empty());
         let decoded = decode(&md).unwrap();
         assert_eq!(decoded.fingerprint, "f00d");
-        assert_eq!(decoded.body, Body::Inline(Bytes::from("{}")));
-        let replay = decoded.replay(Bytes::from("{}"));
+        let replay = decoded.replay(None).unwrap();
         assert_eq!(replay.status(), StatusCode::CREATED);
+        assert_eq!(replay.body(), "{}");
         let h = replay.headers();
         assert_eq!(h["content-type"], "application/json");
         let jobs: Vec<_> = h.get_all("x-job").iter().collect();
@@ -192,25 +234,80 @@ mod tests {
     }
 
     #[test]
-    fn a_large_body_goes_to_the_contents() {
-        let body = Bytes::from(vec![0xa5; INLINE_LIMIT]);
-        let (md, data) = Stored::new(StatusCode::OK, &HeaderMap::new(), body.clone()).encode("-");
-        assert_eq!(data, body);
+    fn an_empty_body_needs_no_body_field() {
+        let (md, _) =
+            Stored::new(StatusCode::NO_CONTENT, &HeaderMap::new(), Bytes::new()).encode("-");
         assert!(!md.contains_key(BODY));
-        let decoded = decode(&md).unwrap();
-        assert_eq!(decoded.body, Body::Contents(INLINE_LIMIT));
-        let total: usize = md.iter().map(|(k, v)| k.len() + v.len()).sum();
-        assert!(total < 8 * 1024, "metadata of {total} bytes");
+        let replay = decode(&md).unwrap().replay(None).unwrap();
+        assert!(replay.body().is_empty());
+    }
+
+    #[test]
+    fn large_bodies_and_large_headers_go_to_the_contents() {
+        let mut big_header = HeaderMap::new();
+        big_header.insert(
+            "link",
+            HeaderValue::from_str(&"<a>; rel=x, ".repeat(700)).unwrap(),
+        );
+        for (headers, body) in [
+            (HeaderMap::new(), Bytes::from(vec![0xa5; VALUE_LIMIT])),
+            (big_header, Bytes::from("small")),
+        ] {
+            let (md, data) = Stored::new(StatusCode::OK, &headers, body.clone()).encode("-");
+            assert!(!data.is_empty());
+            assert!(!md.contains_key(BODY) && !md.contains_key(HEADERS));
+            assert!(
+                metadata_bytes(&md) < 1024,
+                "metadata of {} bytes",
+                metadata_bytes(&md)
+            );
+            let decoded = decode(&md).unwrap();
+            assert!(matches!(decoded.layout, Layout::Contents { .. }));
+            let replay = decode(&md).unwrap().replay(Some(data.clone())).unwrap();
+            assert_eq!(replay.body(), &body);
+            for (name, value) in &headers {
+                assert_eq!(replay.headers()[name], value);
+            }
+            assert!(decode(&md).unwrap().replay(None).is_none());
+            assert!(
+                decoded.replay(Some(data.slice(1..))).is_none(),
+                "other contents"
+            );
+        }
+    }
+
+    #[test]
+    fn inline_metadata_stays_under_the_gcs_limits() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            "x-big",
+            HeaderValue::from_str(&"h".repeat(VALUE_LIMIT - 20)).unwrap(),
+        );
+        let body = Bytes::from(vec![7; VALUE_LIMIT / 4 * 3]);
+        let (md, data) = Stored::new(StatusCode::OK, &h, body).encode(&"f".repeat(64));
+        assert!(data.is_empty(), "inline");
+        assert!(md.values().all(|v| v.len() <= VALUE_LIMIT));
+        // With the lock's own fields (owner at most 256 + 33 bytes, ttl, expires, record).
+        assert!(
+            metadata_bytes(&md) + 400 < 8 * 1024,
+            "{}",
+            metadata_bytes(&md)
+        );
     }
 
     #[test]
     fn metadata_that_is_not_a_record_is_not_decoded() {
         assert!(decode(&Metadata::new()).is_none());
-        let (mut md, _) = Stored::new(StatusCode::OK, &HeaderMap::new(), Bytes::new()).encode("-");
-        md.insert(BODY_BYTES.to_owned(), "3".to_owned());
+        let (mut md, _) =
+            Stored::new(StatusCode::OK, &HeaderMap::new(), Bytes::from("x")).encode("-");
+        md.insert(HEADERS_BYTES.to_owned(), "3".to_owned());
         assert!(
             decode(&md).is_none(),
-            "a body both inline and in the contents"
+            "headers both inline and in the contents"
         );
+        let (mut md, _) =
+            Stored::new(StatusCode::OK, &HeaderMap::new(), Bytes::from("x")).encode("-");
+        md.insert(BODY_BYTES.to_owned(), "2".to_owned());
+        assert!(decode(&md).is_none(), "a body of another length");
     }
 }

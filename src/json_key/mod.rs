@@ -10,7 +10,7 @@
 //!
 //! | request | response |
 //! |---|---|
-//! | the field is a string or a number | the inner service's, with [`BodyKey`] in the extensions |
+//! | the field is a string or an integer | the inner service's, with [`BodyKey`] in the extensions |
 //! | not JSON, or no such field | **400** `application/problem+json`; or, with [`JsonKeyLayer::optional`], the inner service's without a `BodyKey` |
 //! | body over the cap (default 1 MiB) | **413** |
 //!

@@ -105,12 +105,13 @@ impl<B, E> fmt::Debug for ResponseFuture<B, E> {
     }
 }
 
-/// The key at `pointer` of a JSON `body`: a string as it is, a number in its JSON spelling.
+/// The key at `pointer` of a JSON `body`: a string as it is, an integer in decimal. Other
+/// numbers are no key: read as floating point, two different ones could become one.
 fn key_at(body: &[u8], pointer: &str) -> Option<String> {
     let value: serde_json::Value = serde_json::from_slice(body).ok()?;
     match value.pointer(pointer)? {
         serde_json::Value::String(s) => Some(s.clone()),
-        serde_json::Value::Number(n) => Some(n.to_string()),
+        serde_json::Value::Number(n) if n.is_i64() || n.is_u64() => Some(n.to_string()),
         _ => None,
     }
 }
