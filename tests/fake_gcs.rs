@@ -435,3 +435,25 @@ async fn records_follow_documented_preconditions() {
     assert!(!scenarios::record_with_a_stale_metageneration_is_accepted(&env).await);
     assert!(!scenarios::a_replaced_generation_is_read(&env).await);
 }
+
+/// Documented GCS: at most 8 KiB of custom metadata per object. The fake refuses more, so
+/// that a record too large for GCS fails here too.
+#[tokio::test]
+async fn metadata_over_8_kib_is_refused() {
+    let fake = fake().await;
+    let backend = gcs(&fake).await;
+    let md = dimutex::backend::Metadata::from([("big".to_owned(), "x".repeat(8 * 1024))]);
+    let refused = backend.create("too-big", &md).await;
+    assert!(
+        matches!(
+            refused,
+            Err(dimutex::backend::BackendError::Fatal {
+                status: Some(400),
+                ..
+            })
+        ),
+        "{refused:?}"
+    );
+    let md = dimutex::backend::Metadata::from([("big".to_owned(), "x".repeat(8 * 1024 - 3))]);
+    backend.create("just-fits", &md).await.unwrap();
+}

@@ -314,8 +314,18 @@ fn insert_metadata(value: Option<&Value>) -> Result<Metadata, ApiError> {
             entries.push((key.clone(), value));
         }
     }
+    let size: usize = entries.iter().map(|(k, v)| k.len() + v.len()).sum();
+    if size > MAX_METADATA_BYTES {
+        return Err(ApiError::invalid(format!(
+            "Custom metadata is {size} bytes; at most {MAX_METADATA_BYTES} are allowed."
+        )));
+    }
     Ok(entries.into_iter().collect())
 }
+
+/// GCS's documented limit on an object's custom metadata (keys and values), checked on
+/// uploads.
+const MAX_METADATA_BYTES: usize = 8 * 1024;
 
 /// The `metadata` change of a PATCH body; `null` values remove keys. Other fields are ignored.
 fn metadata_patch(body: &[u8]) -> Result<MetadataPatch, ApiError> {
