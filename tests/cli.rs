@@ -2,7 +2,8 @@
 //! fake-gcs-server for mutual exclusion): exit codes, mutual exclusion across processes,
 //! takeover of a killed (T4) or stopped (T5) holder, a lost lease's command killed before
 //! anyone may take over (hole 5), signal forwarding, an interrupted or slow acquisition that
-//! leaves no lock behind, `status` and `release --force`.
+//! leaves no lock behind, `status` and `release --force`, and `run --once-per` (the command
+//! once per period across processes; a failure records nothing).
 
 #[path = "support/proxy.rs"]
 mod proxy;
@@ -1214,4 +1215,218 @@ async fn a_create_answered_past_the_timeout_still_runs_the_command() {
     assert_code(&out, 0, "run with a create answered 12 s late");
     assert!(marker.exists(), "the command ran");
     assert_eq!(left, 0, "no lock left behind");
+}
+
+// ---------------------------------------------------------------------------------------------
+// `run --once-per`: the command once per period across processes.
+
+/// Runs `dimutex run --once-per 1h [--wait 60] nightly -- sh -c 'echo TOKEN >> ran; sleep 1'`
+/// in 8 processes started together; returns their outputs.
+async fn once_per_wave(env: &Env, wait: bool) -> Vec<Output> {
+    let ran = env.path("ran");
+    let script = format!("echo \"$DIMUTEX_TOKEN\" >> '{}'; sleep 1", ran.display());
+    let mut args = vec!["--once-per", "1h"];
+    if wait {
+        args.extend(["--wait", "60"]);
+    }
+    args.extend(["nightly", "--", "sh", "-c", &script]);
+    let children: Vec<Child> = (0..8)
+        .map(|_| env.cmd("run", &args).spawn().expect("spawn dimutex"))
+        .collect();
+    let mut outputs = Vec::new();
+    for child in children {
+        outputs.push(finish(child).await);
+    }
+    outputs
+}
+
+fn lines_of(path: &Path) -> usize {
+    std::fs::read_to_string(path).map_or(0, |s| s.lines().count())
+}
+
+/// How many of `outputs` say on stderr when the key last ran (and did not run the command).
+fn said_done(outputs: &[Output]) -> usize {
+    outputs
+        .iter()
+        .filter(|out| {
+            let err = text(&out.stderr);
+            err.contains("\"nightly\" last ran at 20")
+                && err.contains("Z and may run again after 20")
+                && err.contains("not running the command")
+        })
+        .count()
+}
+
+/// 8 processes with `--once-per 1h --wait 60` started together: the command runs exactly once
+/// and all exit 0 (the 7 others waited for the one running it, or found its record); a second
+/// wave of 8, without --wait, runs it no more and all exit 0 at once, saying when it ran. The
+/// record stands for the period: plain `run` finds the key held.
+async fn once_per_across_processes(env: &Env) {
+    let ran = env.path("ran");
+    let first = once_per_wave(env, true).await;
+    for out in &first {
+        assert_code(out, 0, "first wave");
+    }
+    assert_eq!(
+        lines_of(&ran),
+        1,
+        "the command ran exactly once in the first wave"
+    );
+    assert_eq!(said_done(&first), 7, "the 7 others said when it ran");
+
+    let started = Instant::now();
+    let second = once_per_wave(env, false).await;
+    for out in &second {
+        assert_code(out, 0, "second wave");
+    }
+    assert_eq!(lines_of(&ran), 1, "the command did not run again");
+    assert_eq!(said_done(&second), 8, "all 8 said when it ran");
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "the second wave did not wait: {:?}",
+        started.elapsed()
+    );
+
+    // The record: completed a moment ago, standing for the hour (+ the 1 s of `Date`
+    // resolution the expiry rule adds).
+    let client = env.client().await;
+    let dimutex::Acquisition::Done(done) = client.try_acquire_unless_done("nightly").await.unwrap()
+    else {
+        panic!("the success is recorded");
+    };
+    let stands = done.until().duration_since(done.completed_at()).unwrap();
+    assert!(
+        (Duration::from_secs(3600)..=Duration::from_secs(3602)).contains(&stands),
+        "the record stands for the period: {stands:?}"
+    );
+    let out = output(env.cmd("run", &["nightly", "--", "true"])).await;
+    assert_code(&out, 75, "plain run while the record stands");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn once_per_runs_the_command_once_across_processes_fake_gcs() {
+    let _heavy = HEAVY.lock().await;
+    let fake = FakeGcs::start().await.unwrap();
+    let env = Env::fake(&fake, "once-fake");
+    once_per_across_processes(&env).await;
+    assert_eq!(
+        fake.object_count(FakeGcs::DEFAULT_BUCKET),
+        1,
+        "the record, nothing else"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn once_per_runs_the_command_once_across_processes_fake_gcs_server() {
+    let _heavy = HEAVY.lock().await;
+    let server = FakeGcsServer::start().await;
+    let env = Env::new(server.endpoint(), server.bucket(), "once-fgcs");
+    once_per_across_processes(&env).await;
+}
+
+/// A failed command records nothing: dimutex exits with its status, and the next
+/// `--once-per` run runs the command; a success is then recorded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn once_per_records_nothing_when_the_command_fails() {
+    let fake = FakeGcs::start().await.unwrap();
+    let env = Env::fake(&fake, "once-fail");
+    let ran = env.path("ran");
+    let append = format!("echo x >> '{}'", ran.display());
+    let run = |tail: &str| {
+        let script = format!("{append}{tail}");
+        env.cmd(
+            "run",
+            &["--once-per", "1h", "report", "--", "sh", "-c", &script],
+        )
+    };
+
+    let out = output(run("; exit 3")).await;
+    assert_code(&out, 3, "a failing command");
+    assert_eq!(lines_of(&ran), 1);
+    assert_eq!(fake.object_count(FakeGcs::DEFAULT_BUCKET), 0, "no record");
+
+    let out = output(run("; kill -KILL $$")).await;
+    assert_code(&out, 128 + libc::SIGKILL, "a command killed by SIGKILL");
+    assert_eq!(lines_of(&ran), 2, "it ran again: nothing was recorded");
+    assert_eq!(fake.object_count(FakeGcs::DEFAULT_BUCKET), 0, "no record");
+
+    let out = output(run("")).await;
+    assert_code(&out, 0, "a succeeding command");
+    assert_eq!(lines_of(&ran), 3, "it ran again: nothing was recorded");
+    assert_eq!(fake.object_count(FakeGcs::DEFAULT_BUCKET), 1, "the record");
+
+    let out = output(run("")).await;
+    assert_code(&out, 0, "after the success");
+    assert_eq!(lines_of(&ran), 3, "not run again");
+    assert!(
+        text(&out.stderr).contains("\"report\" last ran at"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+/// Without --wait, a `--once-per` run that finds another one running the command fails fast
+/// with 75 and runs nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn once_per_without_wait_exits_75_while_another_runs() {
+    let fake = FakeGcs::start().await.unwrap();
+    let env = Env::fake(&fake, "once-held");
+    let (ready, go, ran) = (env.path("ready"), env.path("go"), env.path("ran"));
+    let script = format!(
+        "echo x >> '{}'; echo up > '{}'; while [ ! -e '{}' ]; do sleep 0.05; done",
+        ran.display(),
+        ready.display(),
+        go.display()
+    );
+    let args = ["--once-per", "60", "job", "--", "sh", "-c", &script];
+    let holder = env.cmd("run", &args).spawn().unwrap();
+    wait_for_file(&ready, Duration::from_secs(10)).await;
+    let out = output(env.cmd("run", &args)).await;
+    assert_code(&out, 75, "held by the run in progress");
+    assert!(
+        text(&out.stderr).contains("held by another owner"),
+        "{}",
+        text(&out.stderr)
+    );
+    std::fs::write(&go, "go").unwrap();
+    assert_code(&finish(holder).await, 0, "the holder");
+    assert_eq!(lines_of(&ran), 1, "the command ran once");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn once_per_bad_values_exit_64() {
+    let fake = FakeGcs::start().await.unwrap();
+    let env = Env::fake(&fake, "once-usage");
+    for bad in [
+        "0", "0s", "0h", "0.5", "-1", "-1h", "x", "h", "1w", "1hh", "nan", "inf", "1e10", "3661d",
+        "20000d", "",
+    ] {
+        // `=`, so that "-1" reaches the parser as a value.
+        let flag = format!("--once-per={bad}");
+        let out = output(env.cmd("run", &[&flag, "k", "--", "true"])).await;
+        assert_code(&out, 64, &flag);
+        assert!(
+            text(&out.stderr).contains("--once-per"),
+            "{bad:?}: the message names the option: {}",
+            text(&out.stderr)
+        );
+    }
+    // The value missing, or taken for an option.
+    for args in [&["--once-per"][..], &["--once-per", "-1"]] {
+        let mut args = args.to_vec();
+        args.extend(["k", "--", "true"]);
+        let out = output(env.cmd("run", &args)).await;
+        assert_code(&out, 64, &format!("{args:?}"));
+    }
+    assert_eq!(fake.request_count(), 0, "bad arguments send no request");
+
+    let out = output(env.raw(&["run", "--help"])).await;
+    assert_code(&out, 0, "run --help");
+    let help = text(&out.stdout);
+    for needle in ["--once-per", "PERIOD", "20h", "recorded"] {
+        assert!(
+            help.contains(needle),
+            "run --help mentions {needle}:\n{help}"
+        );
+    }
 }

@@ -8,13 +8,18 @@ use clap::{Args, Parser, Subcommand};
 const EXIT_CODES: &str = "\
 Exit status:
   run      the command's own exit status (128+N when it died by signal N);
+           0 with --once-per: a run of KEY succeeded within the period, so the
+              command was not run (stderr says when it ran);
            75 the lock is held by another owner (after --wait, if given);
            74 the lease was lost while the command ran (it was sent SIGTERM,
               then SIGKILL after --grace seconds, or sooner: at the latest 0.5 s
               before another owner could take the lock over, at once when
-              another owner changed or removed the lock);
+              another owner changed or removed the lock); with --once-per, also
+              when the lease was lost before the success was recorded;
            69 the storage backend is unavailable or refused the request, or the
               configuration (credentials, STORAGE_EMULATOR_HOST) is unusable;
+              with --once-per, also when the command succeeded but the write
+              recording it failed (the next run may run it again);
            64 bad arguments or an invalid lock key;
            126/127 the command could not be executed / was not found;
            130/143 dimutex was interrupted (SIGINT/SIGTERM) while waiting for the lock.
@@ -71,6 +76,9 @@ pub enum Command {
     /// to dimutex are forwarded to CMD; the lock is released once CMD has exited. Interrupted
     /// while acquiring, dimutex exits 128+N after cleaning up the acquisition in flight (for
     /// at most 20 s; a second signal stops waiting).
+    ///
+    /// With --once-per PERIOD, CMD runs only if no run of KEY succeeded within PERIOD: for
+    /// cron on every machine of a fleet, "the nightly report once a day on one of them".
     #[command(after_help = EXIT_CODES)]
     Run(RunArgs),
     /// Show whether KEY is held, by whom, since and until when, and its fencing token.
@@ -129,6 +137,19 @@ pub struct RunArgs {
     #[arg(long, default_value = "10", value_name = "SECS", value_parser = parse_secs)]
     pub grace: Duration,
 
+    /// Run CMD only if no successful run of KEY completed within PERIOD (by the server's
+    /// clock); otherwise say on stderr when it last ran and exit 0 at once. PERIOD is seconds
+    /// like the other options, or a number with a unit: s, m, h or d (`20h`, `1.5d`); 1 s to
+    /// 3660d (10 years). When CMD exits 0, the lock stays behind as the record of its success
+    /// for PERIOD (plain `dimutex run KEY` finds KEY held until then; `release --force`
+    /// deletes the record); when CMD fails, nothing is recorded and the next run tries again.
+    /// If the success cannot be recorded: exit 74 when the lease was lost first, 69 when the
+    /// write failed. With --wait, a run that finds another one running CMD waits for it
+    /// (polling the lock with reads, at most 1 s apart): exit 0 once that one succeeded, or
+    /// take the lock and run CMD if it failed.
+    #[arg(long, value_name = "PERIOD", value_parser = parse_period)]
+    pub once_per: Option<Duration>,
+
     /// The command and its arguments (after `--`).
     #[arg(last = true, required = true, value_name = "CMD")]
     pub command: Vec<OsString>,
@@ -158,15 +179,24 @@ pub struct ReleaseArgs {
     pub token: Option<i64>,
 }
 
-/// Parses a non-negative number of seconds, fractions allowed (`2`, `0.5`).
 /// The longest duration an option takes: about 31 years.
 const MAX_SECS: f64 = 1e9;
+/// The shortest `--once-per`: the server's clock (`Date`) counts whole seconds.
+const MIN_PERIOD: Duration = Duration::from_secs(1);
+/// The longest `--once-per`, in days: the longest retention the library writes (10 years).
+const MAX_PERIOD_DAYS: u64 = 3660;
 
+/// Parses a non-negative number of seconds, fractions allowed (`2`, `0.5`).
 fn parse_secs(s: &str) -> Result<Duration, String> {
     let secs: f64 = s
         .trim()
         .parse()
         .map_err(|_| format!("{s:?} is not a number of seconds"))?;
+    checked_secs(s, secs)
+}
+
+/// `secs` (parsed from `s`) as a duration, if it is non-negative and at most [`MAX_SECS`].
+fn checked_secs(s: &str, secs: f64) -> Result<Duration, String> {
     if !secs.is_finite() || secs < 0.0 {
         return Err(format!("{s:?} is not a non-negative number of seconds"));
     }
@@ -174,6 +204,40 @@ fn parse_secs(s: &str) -> Result<Duration, String> {
         return Err(format!("{s:?}: at most {MAX_SECS} seconds"));
     }
     Duration::try_from_secs_f64(secs).map_err(|e| format!("{s:?}: {e}"))
+}
+
+/// Parses a `--once-per` period: seconds as [`parse_secs`] takes them, or a number followed
+/// by a unit, `s`, `m`, `h` or `d` (`90m`, `1.5d`); at least [`MIN_PERIOD`].
+fn parse_period(s: &str) -> Result<Duration, String> {
+    let t = s.trim();
+    let (number, unit) = match t.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => (&t[..i], c),
+        _ => (t, 's'),
+    };
+    let factor = match unit {
+        's' => 1.0,
+        'm' => 60.0,
+        'h' => 3600.0,
+        'd' => 86_400.0,
+        _ => {
+            return Err(format!(
+                "{s:?} is not a period (seconds, or a number with a unit s, m, h or d)"
+            ));
+        }
+    };
+    let n: f64 = number.trim().parse().map_err(|_| {
+        format!("{s:?} is not a period (seconds, or a number with a unit s, m, h or d)")
+    })?;
+    let period = checked_secs(s, n * factor)?;
+    if period < MIN_PERIOD {
+        return Err(format!("{s:?}: the period must be at least 1 s"));
+    }
+    if period > Duration::from_secs(MAX_PERIOD_DAYS * 86_400) {
+        return Err(format!(
+            "{s:?}: the period must be at most {MAX_PERIOD_DAYS}d"
+        ));
+    }
+    Ok(period)
 }
 
 #[cfg(test)]
@@ -196,5 +260,25 @@ mod tests {
         // Past what the clock can count: refused, not a panic when the deadline is made.
         assert!(parse_secs("1e19").is_err());
         assert!(parse_secs("1e9").is_ok());
+    }
+
+    #[test]
+    fn periods_parse() {
+        assert_eq!(parse_period("1h"), Ok(Duration::from_secs(3600)));
+        assert_eq!(parse_period("90"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_period("30s"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_period("1.5m"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_period(" 2d "), Ok(Duration::from_secs(172_800)));
+        assert_eq!(parse_period("1"), Ok(MIN_PERIOD));
+        assert_eq!(
+            parse_period("3660d"),
+            Ok(Duration::from_secs(MAX_PERIOD_DAYS * 86_400))
+        );
+        for bad in [
+            "", "0", "0h", "0.5", "-1h", "h", "1x", "1 h h", "nan", "inf", "1e9d", "1e19", "x1",
+            "3661d", "1e9", "1hh",
+        ] {
+            assert!(parse_period(bad).is_err(), "{bad:?} refused");
+        }
     }
 }

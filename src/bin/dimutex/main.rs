@@ -5,6 +5,7 @@
 
 mod args;
 mod exit;
+mod once;
 mod run;
 mod status;
 

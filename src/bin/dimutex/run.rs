@@ -4,12 +4,13 @@ use std::io;
 use std::process::ExitStatus;
 use std::time::{Duration, Instant};
 
-use dimutex::{Client, Error, FencingToken, LockGuard, LockKey};
+use dimutex::{Acquisition, Client, Done, Error, FencingToken, LockGuard, LockKey};
 use tokio::process::Child;
 use tokio::signal::unix::{Signal, SignalKind, signal};
 
 use crate::args::RunArgs;
 use crate::exit::{self, Failure};
+use crate::once;
 
 /// How long the final releases, and the clean-up of an abandoned acquisition, may take
 /// before their locks are left to expire. A clean-up with the default settings (5 s request
@@ -28,31 +29,14 @@ pub async fn run(args: RunArgs) -> Result<u8, Failure> {
     // From here on, SIGINT/SIGTERM/SIGHUP no longer kill us: we decide what they mean.
     let mut signals = Signals::new()
         .map_err(|e| Failure::new(exit::UNAVAILABLE, format!("cannot handle signals: {e}")))?;
-
-    let acquire = async {
-        match args.wait {
-            None => client.try_acquire(key.clone()).await,
-            Some(wait) => client.acquire(key.clone(), Instant::now() + wait).await,
-        }
-    };
-    // `select!` owns the acquisition and drops it before a branch runs: an interrupted one is
-    // abandoned before the shutdown below waits for its cleanup.
-    let acquired = tokio::select! {
-        acquired = acquire => acquired,
-        sig = signals.recv() => {
-            tracing::debug!(signal = sig, "interrupted while acquiring");
+    let guard = match acquire(&client, &key, &args, &mut signals).await? {
+        Acquired::Lock(guard) => guard,
+        Acquired::Done(done) => {
+            eprintln!("dimutex: {}", once::done_line(&key, &done));
             shut_down(&client, &mut signals).await;
-            return Ok(signal_exit_code(sig));
+            return Ok(0);
         }
-    };
-    let guard = match acquired {
-        Ok(guard) => guard,
-        Err(e) => {
-            // An acquisition that failed after a create of unknown outcome may have left a
-            // lock object that the client cleans up in the background: let it.
-            shut_down(&client, &mut signals).await;
-            return Err(Failure::from_lock_error(key.as_str(), e));
-        }
+        Acquired::Interrupted(sig) => return Ok(signal_exit_code(sig)),
     };
     tracing::debug!(key = key.as_str(), "acquired; starting the command");
 
@@ -77,6 +61,56 @@ pub async fn run(args: RunArgs) -> Result<u8, Failure> {
     let code = supervise(child, &client, &key, guard, &args, &mut signals).await;
     shut_down(&client, &mut signals).await;
     code
+}
+
+/// What the acquisition came to.
+enum Acquired {
+    Lock(LockGuard),
+    /// `--once-per`: a run of the key succeeded within the period.
+    Done(Done),
+    /// Interrupted by this signal; the client is shut down.
+    Interrupted(i32),
+}
+
+/// Acquires the lock as the arguments say (fail fast, `--wait`, `--once-per`), until a
+/// signal interrupts. A failed acquisition shuts the client down.
+async fn acquire(
+    client: &Client,
+    key: &LockKey,
+    args: &RunArgs,
+    signals: &mut Signals,
+) -> Result<Acquired, Failure> {
+    let acquire = async {
+        let deadline = args.wait.map(|wait| Instant::now() + wait);
+        match (args.once_per, deadline) {
+            (Some(_), deadline) => once::acquire(client, key, deadline).await,
+            (None, None) => client.try_acquire(key.clone()).await.map(Acquisition::Lock),
+            (None, Some(deadline)) => client
+                .acquire(key.clone(), deadline)
+                .await
+                .map(Acquisition::Lock),
+        }
+    };
+    // `select!` owns the acquisition and drops it before a branch runs: an interrupted one is
+    // abandoned before the shutdown below waits for its cleanup.
+    let acquired = tokio::select! {
+        acquired = acquire => acquired,
+        sig = signals.recv() => {
+            tracing::debug!(signal = sig, "interrupted while acquiring");
+            shut_down(client, signals).await;
+            return Ok(Acquired::Interrupted(sig));
+        }
+    };
+    match acquired {
+        Ok(Acquisition::Lock(guard)) => Ok(Acquired::Lock(guard)),
+        Ok(Acquisition::Done(done)) => Ok(Acquired::Done(done)),
+        Err(e) => {
+            // An acquisition that failed after a create of unknown outcome may have left a
+            // lock object that the client cleans up in the background: let it.
+            shut_down(client, signals).await;
+            Err(Failure::from_lock_error(key.as_str(), e))
+        }
+    }
 }
 
 /// Shuts the client down: waits (up to [`SHUTDOWN_TIMEOUT`]) for releases and for the cleanup
@@ -113,7 +147,7 @@ async fn supervise(
                     format!("cannot wait for the command: {e}"),
                 )
             })?;
-            Ok(release_after_exit(key, guard, status_code(status), args).await)
+            Ok(after_exit(key, guard, status_code(status), args).await)
         }
         Watched::Lost => {
             stop_after_lost(&mut child, key, &guard, args, signals).await;
@@ -201,8 +235,22 @@ async fn stop_after_lost(
     tracing::debug!(?status, "the command exited after the lost lease");
 }
 
+/// After the command exited with `code` while the lease was ours: records its success
+/// (`--once-per`) or releases the lock. The exit code of `dimutex`.
+async fn after_exit(key: &LockKey, guard: LockGuard, code: u8, args: &RunArgs) -> u8 {
+    match args.once_per {
+        Some(period) if code == 0 => once::complete(key, guard, period, args).await,
+        _ => release_after_exit(key, guard, code, args).await,
+    }
+}
+
 /// Releases the lock after the command exited with `code`; the exit code of `dimutex`.
-async fn release_after_exit(key: &LockKey, guard: LockGuard, code: u8, args: &RunArgs) -> u8 {
+pub(crate) async fn release_after_exit(
+    key: &LockKey,
+    guard: LockGuard,
+    code: u8,
+    args: &RunArgs,
+) -> u8 {
     tracing::debug!(code, "the command exited; releasing");
     match guard.release().await {
         Ok(true) => tracing::debug!("released"),

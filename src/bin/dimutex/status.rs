@@ -146,7 +146,7 @@ fn format_human(t: SystemTime) -> String {
         .unwrap_or_else(|_| format!("{t:?}"))
 }
 
-fn format_rfc3339(t: SystemTime) -> String {
+pub(crate) fn format_rfc3339(t: SystemTime) -> String {
     OffsetDateTime::from(t)
         .format(&Rfc3339)
         .unwrap_or_else(|_| format!("{t:?}"))
