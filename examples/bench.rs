@@ -22,7 +22,10 @@
 //! 3. information: `LockLayer` throughput vs the same axum app without it (in-memory backend,
 //!    64 connections), distinct keys and the local 409 fast path;
 //! 4. 10,000 locks held by one client: heap per lock, refresh spread, idle CPU, shutdown;
-//! 5. hand-over to a waiter in this process and in "another process" (another client).
+//! 5. hand-over to a waiter in this process and in "another process" (another client);
+//! 6. `IdempotencyLayer` latency, in process, of a first request (create + the record write)
+//!    and of a replay (the create refused with 412 + one read of the record) vs the same HTTP
+//!    requests sent with `reqwest`, on the servers of 1 and at 1 and 16 workers: ratio ≤ 1.10.
 //!
 //! The exit status is a failure only when a section could not run; a missed target shows in
 //! the table and the JSON, and an information figure never counts either way.
@@ -38,6 +41,8 @@
 mod cycle;
 #[path = "bench/handover.rs"]
 mod handover;
+#[path = "bench/idempotency.rs"]
+mod idempotency;
 #[path = "bench/middleware.rs"]
 mod middleware;
 #[path = "bench/scale.rs"]
@@ -60,7 +65,7 @@ struct Settings {
     only: Option<Vec<u32>>,
 }
 
-const USAGE: &str = "usage: bench [--quick] [--only N[,N..]]   (sections 1-5)\n       bench --cycles ours|floor N   (N cycles of one kind alone, for profilers)";
+const USAGE: &str = "usage: bench [--quick] [--only N[,N..]]   (sections 1-6)\n       bench --cycles ours|floor N   (N cycles of one kind alone, for profilers)";
 
 fn main() -> ExitCode {
     let mut args = std::env::args().skip(1);
@@ -80,7 +85,7 @@ fn main() -> ExitCode {
                     .map(|s| s.trim().parse::<u32>())
                     .collect::<Result<Vec<_>, _>>()
                 {
-                    Ok(v) if v.iter().all(|n| (1..=5).contains(n)) => settings.only = Some(v),
+                    Ok(v) if v.iter().all(|n| (1..=6).contains(n)) => settings.only = Some(v),
                     _ => {
                         eprintln!("{USAGE}");
                         return ExitCode::from(2);
@@ -205,7 +210,7 @@ async fn run(settings: Settings) -> ExitCode {
         errors: Vec::new(),
     };
 
-    let emulator = if wants(1) || wants(2) {
+    let emulator = if wants(1) || wants(2) || wants(6) {
         match servers::Emulator::start().await {
             Ok(e) => {
                 eprintln!(
@@ -219,7 +224,7 @@ async fn run(settings: Settings) -> ExitCode {
     } else {
         None
     };
-    let inrepo = if wants(1) || wants(5) {
+    let inrepo = if wants(1) || wants(5) || wants(6) {
         match servers::ChildFake::start() {
             Ok(f) => Some(Ok(f)),
             Err(e) => Some(Err(e)),
@@ -227,6 +232,19 @@ async fn run(settings: Settings) -> ExitCode {
     } else {
         None
     };
+
+    // The servers of the latency figures (1 and 6), or why one is missing.
+    let mut targets = Vec::new();
+    match &emulator {
+        Some(Ok(e)) => targets.push(Ok(e.target.clone())),
+        Some(Err(why)) => targets.push(Err(("fgcs", why.clone()))),
+        None => {}
+    }
+    match &inrepo {
+        Some(Ok(f)) => targets.push(Ok(f.target.clone())),
+        Some(Err(e)) => targets.push(Err(("inrepo", format!("in-repo fake: {e}")))),
+        None => {}
+    }
 
     // 1. Cycle latency vs the two-request floor.
     if wants(1) {
@@ -241,17 +259,6 @@ async fn run(settings: Settings) -> ExitCode {
                 (false, _) => 30,
             },
         };
-        let mut targets = Vec::new();
-        match &emulator {
-            Some(Ok(e)) => targets.push(Ok(e.target.clone())),
-            Some(Err(why)) => targets.push(Err(("fgcs", why.clone()))),
-            None => {}
-        }
-        match &inrepo {
-            Some(Ok(f)) => targets.push(Ok(f.target.clone())),
-            Some(Err(e)) => targets.push(Err(("inrepo", format!("in-repo fake: {e}")))),
-            None => {}
-        }
         for target in &targets {
             for c in [1, 16] {
                 match target {
@@ -312,7 +319,8 @@ async fn run(settings: Settings) -> ExitCode {
             }
         }
     }
-    drop(emulator);
+    // Kept for 6 only.
+    let emulator = emulator.filter(|_| wants(6));
 
     // 3. Middleware overhead on the in-memory backend: information, no target.
     if wants(3) {
@@ -399,6 +407,45 @@ async fn run(settings: Settings) -> ExitCode {
             None => {}
         }
     }
+
+    // 6. The idempotency layer's first request and replay vs the floor of the same requests.
+    if wants(6) {
+        eprintln!("[6] idempotency layer vs the reqwest floor");
+        let plan = |c: usize| cycle::LatencyPlan {
+            rounds: if quick { 3 } else { 12 },
+            per_worker: match (quick, c) {
+                (true, 1) => 60,
+                (true, _) => 10,
+                (false, 1) => 120,
+                (false, _) => 25,
+            },
+        };
+        for target in &targets {
+            for c in [1, 16] {
+                for kind in [idempotency::Kind::First, idempotency::Kind::Replay] {
+                    match target {
+                        Ok(t) => match idempotency::latency(t, kind, c, &plan(c)).await {
+                            Ok((f, note)) => report.add(vec![f], vec![note]),
+                            Err(e) => report.fail(
+                                &[(
+                                    &kind.metric(cycle::short_label(&t.label), c),
+                                    "us",
+                                    Goal::RatioAtMost(1.10),
+                                )],
+                                "idempotency latency",
+                                &e,
+                            ),
+                        },
+                        Err((label, why)) => report.skip(
+                            &[(&kind.metric(label, c), "us", Goal::RatioAtMost(1.10))],
+                            why,
+                        ),
+                    }
+                }
+            }
+        }
+    }
+    drop(emulator);
     drop(inrepo);
 
     println!(

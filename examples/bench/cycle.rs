@@ -10,6 +10,7 @@
 //!   on the same server, cycles and concurrency.
 
 use std::future::Future;
+use std::io::Write as _;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -22,14 +23,17 @@ use super::util::{self, Figure, Goal, Result};
 
 const BOUNDARY: &str = "dimutex-7a1c3f0e9b2d4c86";
 
-/// Our client on `target`, with default settings and the object prefix `bench/`.
+/// The object prefix of [`our_client`].
+pub const OUR_PREFIX: &str = "bench/";
+
+/// Our client on `target`, with default settings and the object prefix [`OUR_PREFIX`].
 pub async fn our_client(target: &GcsTarget) -> Result<Client> {
     let backend = GcsBackend::builder(&target.bucket)
         .endpoint(&target.endpoint)
         .anonymous()
         .build()
         .await?;
-    Ok(Client::builder(backend).prefix("bench/").build()?)
+    Ok(Client::builder(backend).prefix(OUR_PREFIX).build()?)
 }
 
 /// The two requests of a lock cycle, sent directly: the floor we compare with.
@@ -45,6 +49,19 @@ struct Created {
     generation: serde_json::Value,
 }
 
+/// The generation in an object resource (a string in the JSON API, a number in some fakes).
+fn generation_of(resource: &[u8]) -> Result<i64> {
+    let created: Created = serde_json::from_slice(resource)?;
+    integer(&created.generation)
+}
+
+fn integer(v: &serde_json::Value) -> Result<i64> {
+    Ok(match v {
+        serde_json::Value::String(s) => s.parse()?,
+        v => v.as_i64().ok_or("generation is not an integer")?,
+    })
+}
+
 impl Floor {
     pub fn new(target: &GcsTarget) -> Result<Floor> {
         Ok(Floor {
@@ -58,25 +75,33 @@ impl Floor {
         })
     }
 
-    /// The create: the same multipart upload (same metadata fields) as the client's.
-    pub async fn create(&self, name: &str) -> Result<i64> {
+    /// A multipart upload of `name` with the custom `metadata` and the contents `data`, with
+    /// the query `query` (`uploadType` and the preconditions): the reply's status and body.
+    async fn upload(
+        &self,
+        name: &str,
+        metadata: serde_json::Value,
+        query: &[(&str, &str)],
+        data: &[u8],
+    ) -> Result<(reqwest::StatusCode, bytes::Bytes)> {
         let resource = serde_json::json!({
             "name": name,
             "cacheControl": "no-store",
             "contentType": "text/plain",
-            "metadata": {
-                "ttl": "30",
-                "owner": format!("bench-floor:1#{:032x}", rand::random::<u128>()),
-                "expires": self.expires,
-            },
+            "metadata": metadata,
         });
-        let body = format!(
-            "--{BOUNDARY}\r\nContent-Type: application/json; charset=UTF-8\r\n\r\n{resource}\r\n--{BOUNDARY}\r\nContent-Type: text/plain\r\n\r\nlock\r\n--{BOUNDARY}--\r\n"
-        );
+        // The body in one buffer, as the client's upload builds it.
+        let mut body = Vec::with_capacity(1024 + data.len());
+        write!(
+            body,
+            "--{BOUNDARY}\r\nContent-Type: application/json; charset=UTF-8\r\n\r\n{resource}\r\n--{BOUNDARY}\r\nContent-Type: text/plain\r\n\r\n"
+        )?;
+        body.extend_from_slice(data);
+        write!(body, "\r\n--{BOUNDARY}--\r\n")?;
         let response = self
             .http
             .post(&self.upload_url)
-            .query(&[("uploadType", "multipart"), ("ifGenerationMatch", "0")])
+            .query(query)
             .header(
                 reqwest::header::CONTENT_TYPE,
                 format!("multipart/related; boundary={BOUNDARY}"),
@@ -85,16 +110,154 @@ impl Floor {
             .send()
             .await?;
         let status = response.status();
-        let bytes = response.bytes().await?;
+        Ok((status, response.bytes().await?))
+    }
+
+    /// The lock's metadata fields, as the client writes them (a ttl of `ttl` seconds).
+    fn lock_metadata(&self, ttl: &str) -> serde_json::Map<String, serde_json::Value> {
+        let mut md = serde_json::Map::new();
+        md.insert("ttl".into(), ttl.into());
+        md.insert(
+            "owner".into(),
+            format!("bench-floor:1#{:032x}", rand::random::<u128>()).into(),
+        );
+        md.insert("expires".into(), self.expires.as_str().into());
+        md
+    }
+
+    /// The create's upload: the same multipart upload (same metadata fields) as the client's.
+    async fn create_upload(&self, name: &str) -> Result<(reqwest::StatusCode, bytes::Bytes)> {
+        let metadata = self.lock_metadata("30").into();
+        let query = [("uploadType", "multipart"), ("ifGenerationMatch", "0")];
+        self.upload(name, metadata, &query, b"lock").await
+    }
+
+    /// The create; the new object's generation.
+    pub async fn create(&self, name: &str) -> Result<i64> {
+        let (status, bytes) = self.create_upload(name).await?;
         if !status.is_success() {
             return Err(format!("floor create {name}: HTTP {status}").into());
         }
-        let created: Created = serde_json::from_slice(&bytes)?;
-        let generation = match &created.generation {
-            serde_json::Value::String(s) => s.parse()?,
-            v => v.as_i64().ok_or("generation is not an integer")?,
-        };
-        Ok(generation)
+        generation_of(&bytes)
+    }
+
+    /// The create of an object that exists: refused with 412.
+    pub async fn create_refused(&self, name: &str) -> Result<()> {
+        let (status, _) = self.create_upload(name).await?;
+        if status != reqwest::StatusCode::PRECONDITION_FAILED {
+            return Err(format!("floor create of existing {name}: HTTP {status}, not 412").into());
+        }
+        Ok(())
+    }
+
+    /// A completed record's write: the upload of `fields` plus the lock's fields (ttl
+    /// `ttl`, a fresh owner, `record=1`) and the contents `data`, conditional on `generation`
+    /// and `metageneration`.
+    pub async fn record(
+        &self,
+        name: &str,
+        generation: i64,
+        metageneration: i64,
+        fields: &serde_json::Map<String, serde_json::Value>,
+        ttl: &str,
+        data: &[u8],
+    ) -> Result<()> {
+        let mut metadata = fields.clone();
+        metadata.extend(self.lock_metadata(ttl));
+        metadata.insert("record".into(), "1".into());
+        let (generation, metageneration) = (generation.to_string(), metageneration.to_string());
+        let query = [
+            ("uploadType", "multipart"),
+            ("ifGenerationMatch", generation.as_str()),
+            ("ifMetagenerationMatch", metageneration.as_str()),
+        ];
+        let (status, _) = self.upload(name, metadata.into(), &query, data).await?;
+        if !status.is_success() {
+            return Err(format!("floor record {name}: HTTP {status}").into());
+        }
+        Ok(())
+    }
+
+    /// The object resource (JSON API), read whole.
+    pub async fn get(&self, name: &str) -> Result<bytes::Bytes> {
+        let response = self
+            .http
+            .get(format!("{}{}", self.objects_url, name.replace('/', "%2F")))
+            .send()
+            .await?;
+        let status = response.status();
+        let bytes = response.bytes().await?;
+        if !status.is_success() {
+            return Err(format!("floor get {name}: HTTP {status}").into());
+        }
+        Ok(bytes)
+    }
+
+    /// Deletes `name` as it is now: a GET for its generation, then the DELETE conditional on
+    /// it.
+    pub async fn delete_current(&self, name: &str) -> Result<()> {
+        let resource = self.get(name).await?;
+        self.delete(name, generation_of(&resource)?, None).await
+    }
+
+    /// The names and generations of the objects whose names start with `prefix` (every
+    /// page of the listing).
+    pub async fn list(&self, prefix: &str) -> Result<Vec<(String, i64)>> {
+        #[derive(Deserialize)]
+        #[serde(rename_all = "camelCase")]
+        struct Page {
+            #[serde(default)]
+            items: Vec<Item>,
+            next_page_token: Option<String>,
+        }
+        #[derive(Deserialize)]
+        struct Item {
+            name: String,
+            generation: serde_json::Value,
+        }
+        let list_url = self.objects_url.trim_end_matches('/');
+        let mut out = Vec::new();
+        let mut token: Option<String> = None;
+        loop {
+            let mut query = vec![("prefix", prefix.to_owned())];
+            if let Some(t) = token.take() {
+                query.push(("pageToken", t));
+            }
+            let response = self.http.get(list_url).query(&query).send().await?;
+            let status = response.status();
+            let bytes = response.bytes().await?;
+            if !status.is_success() {
+                return Err(format!("floor list {prefix}: HTTP {status}").into());
+            }
+            let page: Page = serde_json::from_slice(&bytes)?;
+            for item in page.items {
+                out.push((item.name, integer(&item.generation)?));
+            }
+            match page.next_page_token {
+                Some(t) if !t.is_empty() => token = Some(t),
+                _ => return Ok(out),
+            }
+        }
+    }
+
+    /// Deletes every object whose name starts with `prefix`, each conditional on the
+    /// generation listed, `workers` deletes at a time: how many were deleted.
+    pub async fn delete_under(self: &Arc<Self>, prefix: &str, workers: usize) -> Result<usize> {
+        let objects = Arc::new(self.list(prefix).await?);
+        let mut tasks = tokio::task::JoinSet::new();
+        for w in 0..workers.max(1) {
+            let (floor, objects) = (self.clone(), objects.clone());
+            tasks.spawn(async move {
+                for (name, generation) in objects.iter().skip(w).step_by(workers.max(1)) {
+                    floor.delete(name, *generation, None).await?;
+                }
+                Ok::<_, util::BoxError>(())
+            });
+        }
+        while let Some(done) = tasks.join_next().await {
+            done??;
+        }
+        Ok(objects.len())
     }
 
     /// The release: DELETE conditional on the generation and (when given) metageneration.
@@ -180,10 +343,7 @@ where
 fn ours_runner(
     client: &Client,
     tag: &'static str,
-) -> impl Fn(usize) -> std::pin::Pin<Box<dyn Future<Output = Result<Duration>> + Send>>
-+ Send
-+ Sync
-+ 'static {
+) -> impl Fn(usize) -> Timed + Send + Sync + 'static {
     let client = client.clone();
     move |w| {
         let client = client.clone();
@@ -194,10 +354,7 @@ fn ours_runner(
 fn floor_runner(
     floor: &Arc<Floor>,
     tag: &'static str,
-) -> impl Fn(usize) -> std::pin::Pin<Box<dyn Future<Output = Result<Duration>> + Send>>
-+ Send
-+ Sync
-+ 'static {
+) -> impl Fn(usize) -> Timed + Send + Sync + 'static {
     let floor = floor.clone();
     move |w| {
         let floor = floor.clone();
@@ -256,60 +413,158 @@ async fn latency_here(
     concurrency: usize,
     plan: &LatencyPlan,
 ) -> Result<(Figure, String)> {
-    let (mut ours, mut base) = (Vec::new(), Vec::new());
-    let mut round_medians = Vec::new();
-    for round in 0..plan.rounds {
+    let samples = interleaved(concurrency, plan, |_| async move {
+        let client = our_client(target).await?;
+        let floor = Arc::new(Floor::new(target)?);
+        Ok(Round {
+            ours: Arc::new(ours_runner(&client, "lat")),
+            floor: Arc::new(floor_runner(&floor, "lat")),
+            finish: Box::pin(async move {
+                client.shutdown(Duration::from_secs(10)).await?;
+                Ok(())
+            }),
+        })
+    })
+    .await?;
+    let metric = format!(
+        "cycle_latency_p50 {} c={concurrency}",
+        short_label(&target.label)
+    );
+    let head = format!("{} c={concurrency}", target.label);
+    Ok((
+        samples.figure(metric, Goal::RatioAtMost(1.10)),
+        samples.note(&head, "cycles"),
+    ))
+}
+
+/// One measured operation (a cycle, a request) of worker `w`: its latency.
+pub type Timed = std::pin::Pin<Box<dyn Future<Output = Result<Duration>> + Send>>;
+
+/// Makes worker `w`'s next measured operation.
+pub type Runner = Arc<dyn Fn(usize) -> Timed + Send + Sync>;
+
+/// One round of [`interleaved`]: ours and the floor on pools of their own, made for the
+/// round, and what ends the round once both have run (not measured).
+pub struct Round {
+    pub ours: Runner,
+    pub floor: Runner,
+    pub finish: std::pin::Pin<Box<dyn Future<Output = Result<()>>>>,
+}
+
+/// The latencies of [`interleaved`], in microseconds.
+pub struct Latencies {
+    pub ours: Vec<f64>,
+    pub floor: Vec<f64>,
+    pub rounds: usize,
+    /// Each round's medians, `ours/floor`.
+    pub round_medians: Vec<String>,
+    /// This process's CPU time over the measured operations of each (the client's: every
+    /// server is another process).
+    pub ours_cpu: Duration,
+    pub floor_cpu: Duration,
+}
+
+impl Latencies {
+    /// The figure: the median of all of ours against the median of all of the floor's.
+    pub fn figure(&self, metric: String, goal: Goal) -> Figure {
+        Figure::new(
+            metric,
+            util::median(&self.ours),
+            Some(util::median(&self.floor)),
+            "us",
+            goal,
+        )
+    }
+
+    /// The note: how many `what` were measured, p90 and p99 of both, the client CPU per
+    /// operation, the round medians.
+    pub fn note(&self, head: &str, what: &str) -> String {
+        let per = |cpu: Duration, n: usize| util::us(cpu) / n.max(1) as f64;
+        format!(
+            "{head}: {} {what} each in {} rounds; p90 ours {:.0} us vs floor {:.0} us; p99 ours {:.0} us vs floor {:.0} us; client CPU per operation ours {:.0} us vs floor {:.0} us; round medians ours/floor (us): {}",
+            self.ours.len(),
+            self.rounds,
+            util::percentile(&self.ours, 90.0),
+            util::percentile(&self.floor, 90.0),
+            util::percentile(&self.ours, 99.0),
+            util::percentile(&self.floor, 99.0),
+            per(self.ours_cpu, self.ours.len()),
+            per(self.floor_cpu, self.floor.len()),
+            self.round_medians.join(" "),
+        )
+    }
+}
+
+/// Runs `runner` in `workers` workers, `per_worker` operations each.
+async fn run_runner(workers: usize, per_worker: usize, runner: &Runner) -> Result<Vec<Duration>> {
+    let runner = runner.clone();
+    run_workers(workers, per_worker, move |w| runner(w)).await
+}
+
+/// Ours against the floor in `plan.rounds` rounds, each on a fresh [`Round`] made by
+/// `round(i)`: both warmed (3 operations per worker, one connection per worker), then
+/// `plan.per_worker` operations per worker of each, the floor first in even rounds and ours
+/// first in odd ones; then the round's `finish`. On a current-thread runtime of its own (see
+/// [`latency`]).
+pub async fn interleaved<M, Fut>(
+    concurrency: usize,
+    plan: &LatencyPlan,
+    mut round: M,
+) -> Result<Latencies>
+where
+    M: FnMut(usize) -> Fut,
+    Fut: Future<Output = Result<Round>>,
+{
+    let mut out = Latencies {
+        ours: Vec::new(),
+        floor: Vec::new(),
+        rounds: plan.rounds,
+        round_medians: Vec::new(),
+        ours_cpu: Duration::ZERO,
+        floor_cpu: Duration::ZERO,
+    };
+    // The CPU time of this process over `run`, added to `total`.
+    async fn with_cpu<T>(total: &mut Duration, run: impl Future<Output = Result<T>>) -> Result<T> {
+        let before = util::self_cpu()?;
+        let out = run.await?;
+        *total += util::cpu_between(&before, &util::self_cpu()?);
+        Ok(out)
+    }
+    for i in 0..plan.rounds {
         // Fresh pools every round: the server's runtime places each connection too (see
         // `latency`); new connections each round average that over many placements instead
         // of drawing it once per run.
-        let client = our_client(target).await?;
-        let floor = Arc::new(Floor::new(target)?);
+        let Round {
+            ours,
+            floor,
+            finish,
+        } = round(i).await?;
         // Warm both pools (one connection per worker) and both code paths.
-        run_workers(concurrency, 3, floor_runner(&floor, "lat")).await?;
-        run_workers(concurrency, 3, ours_runner(&client, "lat")).await?;
-        let floor_run = run_workers(concurrency, plan.per_worker, floor_runner(&floor, "lat"));
-        let ours_run = run_workers(concurrency, plan.per_worker, ours_runner(&client, "lat"));
-        let (o, b) = if round % 2 == 0 {
-            let b = floor_run.await?;
-            (ours_run.await?, b)
+        run_runner(concurrency, 3, &floor).await?;
+        run_runner(concurrency, 3, &ours).await?;
+        let floor_run = run_runner(concurrency, plan.per_worker, &floor);
+        let ours_run = run_runner(concurrency, plan.per_worker, &ours);
+        let (o, b) = if i % 2 == 0 {
+            let b = with_cpu(&mut out.floor_cpu, floor_run).await?;
+            (with_cpu(&mut out.ours_cpu, ours_run).await?, b)
         } else {
-            let o = ours_run.await?;
-            (o, floor_run.await?)
+            let o = with_cpu(&mut out.ours_cpu, ours_run).await?;
+            (o, with_cpu(&mut out.floor_cpu, floor_run).await?)
         };
-        client.shutdown(Duration::from_secs(10)).await?;
+        finish.await?;
         let (o, b): (Vec<f64>, Vec<f64>) = (
             o.into_iter().map(util::us).collect(),
             b.into_iter().map(util::us).collect(),
         );
-        round_medians.push(format!("{:.0}/{:.0}", util::median(&o), util::median(&b)));
-        ours.extend(o);
-        base.extend(b);
+        out.round_medians
+            .push(format!("{:.0}/{:.0}", util::median(&o), util::median(&b)));
+        out.ours.extend(o);
+        out.floor.extend(b);
     }
-    let figure = Figure::new(
-        format!(
-            "cycle_latency_p50 {} c={concurrency}",
-            short_label(&target.label)
-        ),
-        util::median(&ours),
-        Some(util::median(&base)),
-        "us",
-        Goal::RatioAtMost(1.10),
-    );
-    let note = format!(
-        "{} c={concurrency}: {} cycles each in {} rounds; p90 ours {:.0} us vs floor {:.0} us; p99 ours {:.0} us vs floor {:.0} us; round medians ours/floor (us): {}",
-        target.label,
-        ours.len(),
-        plan.rounds,
-        util::percentile(&ours, 90.0),
-        util::percentile(&base, 90.0),
-        util::percentile(&ours, 99.0),
-        util::percentile(&base, 99.0),
-        round_medians.join(" "),
-    );
-    Ok((figure, note))
+    Ok(out)
 }
 
-fn short_label(label: &str) -> &str {
+pub fn short_label(label: &str) -> &str {
     match label {
         "fake-gcs-server" => "fgcs",
         "in-repo fake" => "inrepo",
@@ -421,7 +676,7 @@ async fn cpu_runs_current_thread(
 
 /// Runs `work` on a current-thread runtime of a thread of its own (the bench's own runtime
 /// idles meanwhile).
-async fn on_current_thread<T, F, Fut>(work: F) -> Result<T>
+pub async fn on_current_thread<T, F, Fut>(work: F) -> Result<T>
 where
     F: FnOnce() -> Fut + Send + 'static,
     Fut: Future<Output = Result<T>>,
