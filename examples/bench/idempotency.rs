@@ -269,7 +269,12 @@ async fn latency_here(
                         Box::pin(async move {
                             let t = Instant::now();
                             floor.create_refused(&name).await?;
-                            floor.get(&name).await?;
+                            // What a replay needs of the resource: its metadata.
+                            let resource = floor.get(&name).await?;
+                            let resource: serde_json::Value = serde_json::from_slice(&resource)?;
+                            if !resource["metadata"].is_object() {
+                                return Err("floor replay: no metadata".into());
+                            }
                             Ok(t.elapsed())
                         })
                     };

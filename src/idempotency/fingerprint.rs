@@ -54,7 +54,12 @@ fn field(h: &mut Sha256, bytes: &[u8]) {
 }
 
 fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let digit = |n: u8| char::from(DIGITS[usize::from(n)]);
+    bytes
+        .iter()
+        .flat_map(|b| [digit(b >> 4), digit(b & 0xf)])
+        .collect()
 }
 
 #[cfg(test)]
@@ -125,5 +130,6 @@ mod tests {
             fingerprint(&parts("POST", "/a", Some("t2")), &[], b"")
         );
         assert_eq!(base.len(), 64);
+        assert_eq!(hex(&[0x00, 0x9f, 0xa0, 0xff]), "009fa0ff");
     }
 }
