@@ -17,6 +17,10 @@ pub(super) struct Response {
 
 impl Response {
     pub(super) fn error(&self, name: &str) -> BackendError {
+        if self.status == StatusCode::PRECONDITION_FAILED {
+            // The answer of every contended write: nothing in its body is needed.
+            return BackendError::PreconditionFailed;
+        }
         let message = error_message(&self.body).unwrap_or_else(|| {
             self.status
                 .canonical_reason()
@@ -28,7 +32,6 @@ impl Response {
         let message = redact(&message, name);
         let status = self.status.as_u16();
         match status {
-            412 => BackendError::PreconditionFailed,
             // GCS says which: "No such object: b/o" or "The specified bucket does not exist."
             404 if message.contains("bucket does not exist") => BackendError::BucketNotFound,
             404 => BackendError::NotFound,
