@@ -2,8 +2,6 @@
 
 use std::time::Duration;
 
-use rand::Rng;
-
 use crate::error::ConfigError;
 
 /// Decorrelated-jitter backoff: each delay is drawn uniformly between `min` and the previous
@@ -106,7 +104,7 @@ impl Delays {
         let lo = self.backoff.min.as_secs_f64();
         let hi = (self.prev.as_secs_f64() * self.backoff.multiplier).max(lo);
         let pick = if hi > lo {
-            rand::rng().random_range(lo..=hi)
+            crate::random::in_range(lo..=hi)
         } else {
             lo
         };

@@ -18,11 +18,11 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::stream::{FuturesUnordered, StreamExt};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 
 use crate::backend::Metadata;
 use crate::error::Error;
@@ -35,6 +35,7 @@ use crate::protocol::cleanup::clean_up;
 use crate::protocol::record::complete;
 use crate::protocol::refresh::{Refreshed, refresh};
 use crate::protocol::release::release;
+use crate::signal::Latch;
 
 /// Work for the driver, besides new leases.
 pub(crate) enum Job {
@@ -218,7 +219,7 @@ impl DriverHandle {
 pub(crate) fn spawn(
     protocol: Arc<Protocol>,
     local: Arc<Local>,
-    shutdown: watch::Receiver<bool>,
+    shutdown: Arc<Latch>,
 ) -> DriverHandle {
     let (jobs, jobs_rx) = mpsc::unbounded_channel();
     let (fresh, fresh_rx) = mpsc::unbounded_channel();
@@ -245,10 +246,11 @@ async fn run(
     p: Arc<Protocol>,
     mut jobs: mpsc::UnboundedReceiver<Job>,
     mut fresh: mpsc::UnboundedReceiver<Kept>,
-    shutdown: watch::Receiver<bool>,
+    shutdown: Arc<Latch>,
 ) {
     let mut work: FuturesUnordered<Work> = FuturesUnordered::new();
-    let start = |kept| -> Work { Box::pin(keep(p.clone(), kept, shutdown.clone())) };
+    let grid = Grid::new();
+    let start = |kept| -> Work { Box::pin(keep(p.clone(), kept, grid, shutdown.clone())) };
     // The lease whose arrival set the intake's time, taken in with the rest.
     let mut first: Option<Kept> = None;
     let take_in = |first: &mut Option<Kept>,
@@ -264,11 +266,13 @@ async fn run(
     };
     // `Some`: new leases wait until then.
     let mut next_intake: Option<Instant> = None;
-    let mut stopping = shutdown.clone();
     let mut shutting_down = false;
     loop {
-        let intake_at = next_intake.unwrap_or_else(Instant::now);
+        let intake_at = next_intake.unwrap_or_else(crate::clock::now);
+        // Biased (in the order written), as every `select!` of the driver: which of two ready
+        // branches runs first is then the same on every run of a seeded simulation.
         tokio::select! {
+            biased;
             job = jobs.recv() => match job {
                 Some(Job::TakeIn) => {
                     take_in(&mut first, &mut fresh, &mut work);
@@ -288,14 +292,14 @@ async fn run(
                 if shutting_down {
                     take_in(&mut first, &mut fresh, &mut work);
                 } else {
-                    next_intake = Some(Instant::now() + INTAKE);
+                    next_intake = Some(crate::clock::now() + INTAKE);
                 }
             }
             () = tokio::time::sleep_until(intake_at.into()), if next_intake.is_some() => {
                 take_in(&mut first, &mut fresh, &mut work);
                 next_intake = None;
             }
-            () = shut_down(&mut stopping), if !shutting_down => {
+            () = shutdown.wait(), if !shutting_down => {
                 shutting_down = true;
                 take_in(&mut first, &mut fresh, &mut work);
                 next_intake = None;
@@ -333,29 +337,42 @@ const INTAKE: Duration = Duration::from_millis(50);
 /// leases whose refresh falls in one step, not once for each.
 const GRID: Duration = Duration::from_millis(100);
 
-/// `at`, rounded down to the refresh grid.
-fn on_grid(at: Instant) -> Instant {
-    static EPOCH: OnceLock<Instant> = OnceLock::new();
-    let epoch = *EPOCH.get_or_init(Instant::now);
-    let steps = at.saturating_duration_since(epoch).as_nanos() / GRID.as_nanos();
-    epoch + GRID * u32::try_from(steps).unwrap_or(u32::MAX)
+/// The refresh grid of one driver: steps of [`GRID`] from when the driver started (not from a
+/// process-wide moment, so that a test runtime with paused time sees the same grid on every run).
+#[derive(Debug, Clone, Copy)]
+struct Grid {
+    epoch: Instant,
+}
+
+impl Grid {
+    fn new() -> Self {
+        Self {
+            epoch: crate::clock::now(),
+        }
+    }
+
+    /// `at`, rounded down to the grid.
+    fn at(self, at: Instant) -> Instant {
+        let steps = at.saturating_duration_since(self.epoch).as_nanos() / GRID.as_nanos();
+        self.epoch + GRID * u32::try_from(steps).unwrap_or(u32::MAX)
+    }
 }
 
 /// Keeps one lease until it is over.
-async fn keep(p: Arc<Protocol>, kept: Kept, mut shutdown: watch::Receiver<bool>) {
+async fn keep(p: Arc<Protocol>, kept: Kept, grid: Grid, shutdown: Arc<Latch>) {
     let interval = p.settings().refresh_interval;
     let lease = &kept.lease;
     // The first refresh of each lease comes at a random point of its first interval: leases
     // taken together are not refreshed together ever after.
-    let mut refresh_at = on_grid(kept.sent + interval.mul_f64(rand::random_range(0.25..=1.0)));
+    let mut refresh_at = grid.at(kept.sent + interval.mul_f64(crate::random::in_range(0.25..=1.0)));
     let mut step = Step::Wait;
     loop {
         step = match step {
-            Step::Wait => wait(lease, refresh_at, &mut shutdown).await,
+            Step::Wait => wait(lease, refresh_at, &shutdown).await,
             Step::Refresh => {
                 // Boxed, as the releases below: a waiting lease's future stays small.
-                let (next, at) = Box::pin(refresh_step(&p, lease, &mut shutdown)).await;
-                refresh_at = on_grid(at);
+                let (next, at) = Box::pin(refresh_step(&p, lease, &shutdown)).await;
+                refresh_at = grid.at(at);
                 next
             }
             Step::Release => {
@@ -373,7 +390,7 @@ async fn keep(p: Arc<Protocol>, kept: Kept, mut shutdown: watch::Receiver<bool>)
                 }
                 Step::Lost
             }
-            Step::Lost => lost(lease, &mut shutdown).await,
+            Step::Lost => lost(lease, &shutdown).await,
             Step::Over => return,
         }
     }
@@ -382,10 +399,10 @@ async fn keep(p: Arc<Protocol>, kept: Kept, mut shutdown: watch::Receiver<bool>)
 /// A lease that ran out waits for its guard (or shutdown) before its conditional delete: by
 /// then the backend may answer again, and a refresh of ours whose outcome we never learned is
 /// resolved by it. The lost signal has fired already.
-async fn lost(lease: &Lease, shutdown: &mut watch::Receiver<bool>) -> Step {
+async fn lost(lease: &Lease, shutdown: &Latch) -> Step {
     tokio::select! {
         biased;
-        () = shut_down(shutdown) => Step::Revoke,
+        () = shutdown.wait() => Step::Revoke,
         () = lease.finished() => Step::Over,
         () = lease.release_asked() => Step::Release,
     }
@@ -393,34 +410,30 @@ async fn lost(lease: &Lease, shutdown: &mut watch::Receiver<bool>) -> Step {
 
 /// Waits for whatever comes first: shutdown, the guard's release (done by the guard, or
 /// asked of us by a dropped one), the deadline, the refresh.
-async fn wait(lease: &Lease, refresh_at: Instant, shutdown: &mut watch::Receiver<bool>) -> Step {
+async fn wait(lease: &Lease, refresh_at: Instant, shutdown: &Latch) -> Step {
     let deadline = lease.deadline();
     tokio::select! {
         biased;
-        () = shut_down(shutdown) => Step::Revoke,
+        () = shutdown.wait() => Step::Revoke,
         () = lease.finished() => Step::Over,
         () = lease.release_asked() => Step::Release,
         () = tokio::time::sleep_until(deadline.min(refresh_at).into()) => {
-            if Instant::now() >= deadline { Step::Expire } else { Step::Refresh }
+            if crate::clock::now() >= deadline { Step::Expire } else { Step::Refresh }
         }
     }
 }
 
 /// One refresh, and the step and refresh time after it. A shutdown meanwhile marks the lease
 /// lost at once (the refresh then finishes, and the lease is released).
-async fn refresh_step(
-    p: &Protocol,
-    lease: &Lease,
-    shutdown: &mut watch::Receiver<bool>,
-) -> (Step, Instant) {
+async fn refresh_step(p: &Protocol, lease: &Lease, shutdown: &Latch) -> (Step, Instant) {
     let mut known = lease.writer().await;
     if lease.is_finished() {
-        return (Step::Over, Instant::now());
+        return (Step::Over, crate::clock::now());
     }
     if lease.is_over() {
         // Released by a guard whose `release` was dropped before it finished: it has asked
         // for the release, which `Lost` takes up.
-        return (Step::Lost, Instant::now());
+        return (Step::Lost, crate::clock::now());
     }
     let deadline = lease.deadline();
     let mut revoked = false;
@@ -429,8 +442,9 @@ async fn refresh_step(
         tokio::pin!(refreshing);
         loop {
             tokio::select! {
+                biased;
                 refreshed = &mut refreshing => break refreshed,
-                () = shut_down(shutdown), if !revoked => {
+                () = shutdown.wait(), if !revoked => {
                     lease.lose(Cause::Revoked);
                     revoked = true;
                 }
@@ -438,7 +452,7 @@ async fn refresh_step(
         }
     };
     let s = p.settings();
-    let retry_at = Instant::now() + s.retry.backoff().max().min(s.refresh_interval / 2);
+    let retry_at = crate::clock::now() + s.retry.backoff().max().min(s.refresh_interval / 2);
     match refreshed {
         Refreshed::Done => {
             lease.renewed(known.sent);
@@ -454,13 +468,5 @@ async fn refresh_step(
         Refreshed::Expired => (Step::Expire, retry_at),
         Refreshed::Failed if revoked => (Step::Revoke, retry_at),
         Refreshed::Failed => (Step::Wait, retry_at),
-    }
-}
-
-/// Resolves once the client shuts down (never, if the client is gone: its guards release
-/// their leases themselves).
-pub(crate) async fn shut_down(rx: &mut watch::Receiver<bool>) {
-    if rx.wait_for(|s| *s).await.is_err() {
-        std::future::pending::<()>().await;
     }
 }

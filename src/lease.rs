@@ -156,7 +156,7 @@ impl Lease {
         if state.end != End::Live {
             return None;
         }
-        let left = (state.expires_at - self.margin).checked_duration_since(Instant::now())?;
+        let left = (state.expires_at - self.margin).checked_duration_since(crate::clock::now())?;
         (!left.is_zero()).then_some(left)
     }
 
@@ -195,7 +195,7 @@ impl Lease {
                 // The object is another's, or is being deleted: another owner may take the
                 // lock from now on, not only once our last write's ttl has run out.
                 if let End::Lost(Cause::Refused | Cause::Revoked) = end {
-                    state.expires_at = state.expires_at.min(Instant::now());
+                    state.expires_at = state.expires_at.min(crate::clock::now());
                 }
             }
             was_live

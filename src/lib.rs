@@ -42,6 +42,7 @@
 pub mod backend;
 mod backoff;
 mod client;
+mod clock;
 mod done;
 mod driver;
 mod error;
@@ -58,6 +59,7 @@ mod local;
 mod object;
 mod pending;
 mod protocol;
+mod random;
 mod signal;
 #[cfg(feature = "testing")]
 pub mod testing;

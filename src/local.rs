@@ -81,7 +81,10 @@ impl Local {
 
 /// The time a contender is told a local holder may keep the lock.
 pub(crate) fn remaining(lease: &Lease) -> Duration {
-    lease.expires_at().saturating_duration_since(Instant::now()) + RULE_SECOND
+    lease
+        .expires_at()
+        .saturating_duration_since(crate::clock::now())
+        + RULE_SECOND
 }
 
 /// A waiter's turn at the head of its key's local queue.

@@ -44,6 +44,32 @@ impl Signal {
     }
 }
 
+/// A flag set once (a client's shutdown), and the tasks waiting for it.
+///
+/// Not a `watch` channel: tokio's `watch` wakes its receivers from one of several queues
+/// picked at random, so which waiter runs first would differ between two runs of one seeded
+/// simulation; a [`Signal`] wakes them in the order they began to wait.
+#[derive(Debug, Default)]
+pub(crate) struct Latch {
+    set: AtomicBool,
+    signal: Signal,
+}
+
+impl Latch {
+    /// Sets the flag and wakes its waiters.
+    pub(crate) fn set(&self) {
+        self.set.store(true, Ordering::SeqCst);
+        self.signal.notify();
+    }
+
+    /// Resolves once the flag is set.
+    pub(crate) async fn wait(&self) {
+        self.signal
+            .wait_until(|| self.set.load(Ordering::SeqCst))
+            .await;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;

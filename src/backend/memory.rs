@@ -14,6 +14,10 @@ use super::{Backend, BackendError, BoxFuture, Metadata, ObjectState, Reply, Vers
 /// as GCS's `Date` does, except a delete's (nothing reads it, and the clock read would be the
 /// dearest part of the delete).
 ///
+/// The server clock is the wall clock of the backend's creation moved on by tokio's clock:
+/// on a runtime with paused time (`tokio::time::pause`), leases expire as the paused time
+/// advances, and a test can run a ttl in no time.
+///
 /// Use it for examples and to test your own application without GCS. Clones share the same
 /// objects, so two [`Client`](crate::Client)s built from clones of one `MemoryBackend` contend
 /// like two processes sharing a bucket.

@@ -75,6 +75,24 @@ pub(crate) struct Store {
     inner: Mutex<Inner>,
     throttle: AtomicBool,
     clock_offset_ms: AtomicI64,
+    origin: Origin,
+}
+
+/// When the store was made, on the wall clock and on [`crate::clock`]: the server clock is
+/// the first moved on by the second, so paused test time moves it too.
+#[derive(Debug)]
+struct Origin {
+    wall: SystemTime,
+    at: Instant,
+}
+
+impl Default for Origin {
+    fn default() -> Self {
+        Self {
+            wall: SystemTime::now(),
+            at: crate::clock::now(),
+        }
+    }
 }
 
 /// The minimum spacing of mutations of one object name when the throttle is on.
@@ -92,7 +110,7 @@ impl Store {
     /// The server clock.
     pub fn now(&self) -> SystemTime {
         let offset = self.clock_offset_ms.load(Ordering::Relaxed);
-        let now = SystemTime::now();
+        let now = self.origin.wall + crate::clock::now().saturating_duration_since(self.origin.at);
         if offset >= 0 {
             now + Duration::from_millis(offset as u64)
         } else {
@@ -226,7 +244,7 @@ impl Store {
         if !self.throttle.load(Ordering::Relaxed) {
             return Ok(());
         }
-        let now = Instant::now();
+        let now = crate::clock::now();
         if let Some(last) = inner.last_mutation.get(name) {
             if now.duration_since(*last) < MUTATION_SPACING {
                 return Err(StoreError::RateLimited);

@@ -4,8 +4,6 @@ use std::fmt;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use tokio::sync::watch;
-
 use super::{Client, Inner};
 use crate::backend::Backend;
 use crate::backoff::{Backoff, RetryPolicy};
@@ -193,7 +191,7 @@ impl ClientBuilder {
                 local: Arc::default(),
                 pending: Arc::default(),
                 driver: Mutex::new(None),
-                shutdown: watch::Sender::new(false),
+                shutdown: Arc::default(),
             }),
         })
     }

@@ -9,8 +9,6 @@ use std::fmt;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio::sync::watch;
-
 use crate::backend::{Backend, ObjectState};
 use crate::done::{Acquisition, Done};
 use crate::driver::{self, DriverHandle, Job, Kept};
@@ -23,6 +21,7 @@ use crate::pending::{Pending, Ticket};
 use crate::protocol::Protocol;
 use crate::protocol::acquire::{self, Acquired, Entry, Mode, Trace};
 use crate::protocol::refresh::Known;
+use crate::signal::Latch;
 
 /// A distributed lock client: cheap to clone, shared by all tasks of a process.
 ///
@@ -58,7 +57,7 @@ pub(crate) struct Inner {
     /// The lease driver (started before the first write, and again if its runtime stopped).
     driver: Mutex<Option<DriverHandle>>,
     /// Set once by [`Client::shutdown`].
-    shutdown: watch::Sender<bool>,
+    shutdown: Arc<Latch>,
 }
 
 impl fmt::Debug for Client {
@@ -292,7 +291,7 @@ impl Client {
     pub async fn shutdown(&self, timeout: Duration) -> Result<(), ShutdownTimeout> {
         let inner = &self.inner;
         inner.pending.close();
-        inner.shutdown.send_replace(true);
+        inner.shutdown.set();
         match tokio::time::timeout(timeout, inner.pending.drained()).await {
             Ok(()) => Ok(()),
             Err(_) => Err(ShutdownTimeout {
@@ -341,10 +340,9 @@ impl Client {
         records: bool,
     ) -> Result<Entered, Error> {
         let ticket = self.inner.pending.enter().ok_or(Error::ShutDown)?;
-        let mut shutdown = self.inner.shutdown.subscribe();
         tokio::select! {
             biased;
-            () = driver::shut_down(&mut shutdown) => Err(Error::ShutDown),
+            () = self.inner.shutdown.wait() => Err(Error::ShutDown),
             result = self.acquire_ticketed(key, name, mode, ticket, records) => result,
         }
     }
@@ -449,7 +447,7 @@ impl Inner {
                 let handle = driver::spawn(
                     self.protocol.clone(),
                     self.local.clone(),
-                    self.shutdown.subscribe(),
+                    self.shutdown.clone(),
                 );
                 *driver = Some(handle.clone());
                 handle
@@ -501,7 +499,7 @@ impl Drop for Attempt {
 
 /// A fresh owner id: the readable identity and a random 128-bit nonce.
 fn new_owner(identity: &str) -> Arc<str> {
-    format!("{identity}#{:032x}", rand::random::<u128>()).into()
+    format!("{identity}#{:032x}", crate::random::bits()).into()
 }
 
 #[cfg(test)]

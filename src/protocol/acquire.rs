@@ -202,7 +202,7 @@ impl<'a> Acquisition<'a> {
     }
 
     fn past_deadline(&self) -> bool {
-        matches!(self.mode, Mode::WaitUntil(d) if Instant::now() >= d)
+        matches!(self.mode, Mode::WaitUntil(d) if crate::clock::now() >= d)
     }
 
     /// The step Create (`over` = `None`) or Takeover (`over` = the expired object's version).
@@ -303,7 +303,7 @@ impl<'a> Acquisition<'a> {
             // twice a second. A holder lives at least that window (its delete waits it out
             // too), so a create-and-delete of another waiter cannot slip between two reads,
             // and our create meets no 429. The jitter lets one of many waiters go first.
-            let now = Instant::now();
+            let now = crate::clock::now();
             let (since, window) = *self
                 .absent
                 .get_or_insert_with(|| (now, MUTATION_WINDOW + jitter(MUTATION_WINDOW)));
@@ -331,7 +331,7 @@ impl<'a> Acquisition<'a> {
         self.confirming = false;
         let give_up = match self.mode {
             Mode::Try => self.try_rounds_spent(),
-            Mode::WaitUntil(deadline) => Instant::now() >= deadline,
+            Mode::WaitUntil(deadline) => crate::clock::now() >= deadline,
         };
         if give_up {
             return Err(Error::Held { remaining: None });
@@ -343,8 +343,8 @@ impl<'a> Acquisition<'a> {
     /// Adopted while the lease it began leaves us time; else taken over afresh.
     fn ours(&mut self, state: ObjectState) -> Next {
         let s = self.p.settings();
-        let sent = self.trace.first_write.unwrap_or_else(Instant::now);
-        if sent + s.ttl - s.margin() > Instant::now() {
+        let sent = self.trace.first_write.unwrap_or_else(crate::clock::now);
+        if sent + s.ttl - s.margin() > crate::clock::now() {
             tracing::debug!(target: "dimutex", "adopted our own landed write");
             return Next::Acquired(Acquired {
                 state,
@@ -364,7 +364,7 @@ impl<'a> Acquisition<'a> {
             return Err(held());
         };
         self.seen_held = true;
-        let now = Instant::now();
+        let now = crate::clock::now();
         if now >= deadline {
             return Err(held());
         }
@@ -390,11 +390,11 @@ impl<'a> Acquisition<'a> {
             Some((version, since)) if version == state.version() => since,
             _ => {
                 self.unchanged_since
-                    .insert((state.version(), Instant::now()))
+                    .insert((state.version(), crate::clock::now()))
                     .1
             }
         };
-        match (since + length).checked_duration_since(Instant::now()) {
+        match (since + length).checked_duration_since(crate::clock::now()) {
             Some(remaining) if !remaining.is_zero() => Verdict::Held { remaining },
             _ => Verdict::Expired,
         }

@@ -85,7 +85,7 @@ impl Protocol {
 
     /// Remembers that the backend enforces its per-object mutation limit.
     pub(crate) fn note_throttled(&self) {
-        *self.throttled_at.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
+        *self.throttled_at.lock().unwrap_or_else(|e| e.into_inner()) = Some(crate::clock::now());
     }
 
     /// Whether the backend answered 429 in the last minute.
@@ -108,12 +108,12 @@ impl Protocol {
 
 /// A random delay up to `max`.
 pub(crate) fn jitter(max: Duration) -> Duration {
-    max.mul_f64(rand::random_range(0.0..=1.0))
+    max.mul_f64(crate::random::in_range(0.0..=1.0))
 }
 
 /// `d` from now, or far in the future when that is past what the clock can count (a timeout
 /// or budget of `Duration::MAX` means "no limit"): never a panic.
 pub(crate) fn after(d: Duration) -> Instant {
     const FAR: Duration = Duration::from_secs(100 * 365 * 86_400);
-    Instant::now() + d.min(FAR)
+    crate::clock::now() + d.min(FAR)
 }

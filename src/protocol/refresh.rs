@@ -140,7 +140,7 @@ async fn refresh_until(
 /// A refresh that failed without an answer about the lock is a lost lease only once its
 /// deadline has passed.
 fn failed_before(deadline: Instant) -> Refreshed {
-    if Instant::now() >= deadline {
+    if crate::clock::now() >= deadline {
         Refreshed::Expired
     } else {
         Refreshed::Failed

@@ -76,5 +76,5 @@ pub(crate) async fn release(
 /// received before `sent` + ttl describes a server on which no takeover could have happened
 /// yet, so the change was our own delete (404), or a create after it.
 fn deleted_by_us(p: &Protocol, ambiguous: bool, sent: Instant) -> bool {
-    ambiguous && Instant::now() < sent + p.settings().ttl
+    ambiguous && crate::clock::now() < sent + p.settings().ttl
 }

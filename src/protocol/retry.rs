@@ -40,7 +40,7 @@ impl Protocol {
         Fut: Future<Output = Result<T, BackendError>>,
     {
         let timeout = self.settings.request_timeout;
-        let first_sent = Instant::now();
+        let first_sent = crate::clock::now();
         let mut delays = self.settings.retry.backoff().delays();
         let mut ambiguous = false;
         loop {

@@ -51,5 +51,27 @@ pub use fault::{Fault, FaultRule};
 pub use request_log::LoggedRequest;
 pub use server::{FakeGcs, FakeGcsBuilder};
 
+/// Makes every random draw of this crate on the current thread — owner nonces, refresh
+/// jitter, retry and poll backoff — come from a generator seeded with `seed`, for the rest of
+/// the thread's life.
+///
+/// For deterministic simulation: on a current-thread runtime with paused time, over
+/// [`MemoryBackend`](crate::backend::MemoryBackend), the same seed then gives the same run.
+/// Never in production: owner nonces would repeat across processes seeded alike.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread", start_paused = true)] async fn main() {
+/// use dimutex::{Client, backend::MemoryBackend};
+///
+/// dimutex::testing::seed_random(7);
+/// let client = Client::new(MemoryBackend::new());
+/// let guard = client.try_acquire("k").await.unwrap();
+/// guard.release().await.unwrap();
+/// # }
+/// ```
+pub fn seed_random(seed: u64) {
+    crate::random::seed(seed);
+}
+
 #[cfg(all(test, feature = "gcs"))]
 mod tests;

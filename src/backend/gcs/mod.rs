@@ -490,7 +490,7 @@ fn boundary_outside(data: &[u8]) -> std::borrow::Cow<'static, str> {
         return BOUNDARY.into();
     }
     loop {
-        let boundary = format!("dimutex-{:032x}", rand::random::<u128>());
+        let boundary = format!("dimutex-{:032x}", crate::random::bits());
         if !contains(&boundary) {
             return boundary.into();
         }
