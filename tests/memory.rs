@@ -905,3 +905,117 @@ async fn records_round_trip() {
     let backend = MemoryBackend::new();
     scenarios::records_round_trip(&env(&backend, "records")).await;
 }
+
+/// Every create fails with a 503 until `until` (tokio's clock), as in a backend outage.
+#[derive(Debug, Clone)]
+struct CreateOutage {
+    inner: MemoryBackend,
+    until: tokio::time::Instant,
+}
+
+impl Backend for CreateOutage {
+    fn create<'a>(&'a self, name: &'a str, metadata: &'a Metadata) -> Written<'a> {
+        Box::pin(async move {
+            if tokio::time::Instant::now() < self.until {
+                return Err(BackendError::Transient {
+                    status: Some(503),
+                    retry_after: None,
+                    message: "outage".into(),
+                });
+            }
+            self.inner.create(name, metadata).await
+        })
+    }
+
+    fn inspect<'a>(
+        &'a self,
+        name: &'a str,
+    ) -> BoxFuture<'a, Result<Reply<Option<ObjectState>>, BackendError>> {
+        self.inner.inspect(name)
+    }
+
+    fn takeover<'a>(
+        &'a self,
+        name: &'a str,
+        expected: Version,
+        metadata: &'a Metadata,
+    ) -> Written<'a> {
+        self.inner.takeover(name, expected, metadata)
+    }
+
+    fn refresh<'a>(
+        &'a self,
+        name: &'a str,
+        expected: Version,
+        metadata: &'a Metadata,
+    ) -> Written<'a> {
+        self.inner.refresh(name, expected, metadata)
+    }
+
+    fn release<'a>(
+        &'a self,
+        name: &'a str,
+        expected: Version,
+    ) -> BoxFuture<'a, Result<Reply<()>, BackendError>> {
+        self.inner.release(name, expected)
+    }
+}
+
+/// Found by the simulation (issue 18, seed 348): an acquisition whose create was retried
+/// through an outage longer than the ttl timed its lease from the first attempt, so the lock
+/// it got was lost at once and wrote an `expires` already past. The lease is timed from the
+/// attempt that made the object, and that attempt carries its own `expires`. Default settings.
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn a_create_retried_through_an_outage_is_timed_from_the_attempt_that_made_it() {
+    use std::time::{Duration, SystemTime};
+    let memory = MemoryBackend::new();
+    let outage = Duration::from_secs(45);
+    let start = tokio::time::Instant::now();
+    // The client's wall clock moves with the paused time, as the memory store's clock does.
+    let wall_start = SystemTime::now();
+    let client = dimutex::Client::builder(CreateOutage {
+        inner: memory.clone(),
+        until: start + outage,
+    })
+    .wall_clock(move || wall_start + start.elapsed())
+    .build()
+    .unwrap();
+    let guard = client
+        .acquire("k", (start + Duration::from_secs(120)).into_std())
+        .await
+        .expect("acquired once the outage is over");
+    let now = tokio::time::Instant::now();
+    assert!(now >= start + outage);
+    assert!(guard.is_healthy(), "a lock just created must not be lost");
+    let ttl = Duration::from_secs(30);
+    assert!(
+        guard.expires_at() + Duration::from_secs(1) >= (now + ttl).into_std(),
+        "the lease ends {:?} after it was acquired, not a ttl",
+        guard.expires_at().saturating_duration_since(now.into_std())
+    );
+    let names = memory.object_names();
+    assert_eq!(names.len(), 1, "{names:?}");
+    let state = memory
+        .inspect(&names[0])
+        .await
+        .unwrap()
+        .into_value()
+        .expect("our lock object");
+    let expires = state.metadata().get("expires").expect("an expires field");
+    let format = time::macros::format_description!(
+        "[year]-[day]-[month] [hour]:[minute]:[second].[subsecond] UTC"
+    );
+    let expires = SystemTime::from(
+        time::PrimitiveDateTime::parse(expires, format)
+            .unwrap()
+            .assume_utc(),
+    );
+    assert!(
+        expires + Duration::from_secs(1) >= state.updated() + ttl,
+        "expires ({expires:?}) is not a ttl after the write ({:?})",
+        state.updated()
+    );
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert!(guard.is_healthy(), "still held 5 s later");
+    guard.release().await.unwrap();
+}

@@ -207,9 +207,8 @@ impl<'a> Acquisition<'a> {
 
     /// The step Create (`over` = `None`) or Takeover (`over` = the expired object's version).
     async fn write(&mut self, over: Option<Version>) -> Result<Next, Error> {
-        let (p, name) = (self.p, self.name);
+        let (p, name, owner) = (self.p, self.name, self.owner);
         let s = p.settings();
-        let md = object::lock_metadata(s.ttl, self.owner, (s.clock)());
         // A waiter does not repeat a throttled write: it goes back to reading.
         let on_429 = if self.waits() {
             On429::GiveUp
@@ -220,9 +219,16 @@ impl<'a> Acquisition<'a> {
         let backend = p.backend();
         let a = p
             .send(
-                || match over {
-                    Some(v) => backend.takeover(name, v, &md),
-                    None => backend.create(name, &md),
+                || {
+                    // Each attempt says when it expires: a create retried through an outage
+                    // must not write an `expires` that is past already.
+                    let md = object::lock_metadata(s.ttl, owner, (s.clock)());
+                    async move {
+                        match over {
+                            Some(v) => backend.takeover(name, v, &md).await,
+                            None => backend.create(name, &md).await,
+                        }
+                    }
                 },
                 self.give_up_at(),
                 on_429,
@@ -232,11 +238,12 @@ impl<'a> Acquisition<'a> {
         self.trace.may_have_landed |= a.ambiguous;
         self.trace.first_write.get_or_insert(a.first_sent);
         match a.result {
-            // This write made the object (a create finds none, a takeover its version): the
-            // lease is timed from its first attempt.
+            // The attempt that answered made the object: an earlier one that landed would
+            // have changed what this one's precondition expects (none, or the expired
+            // version), and this one would have been refused. The lease is timed from it.
             Ok(reply) => Ok(Next::Acquired(Acquired {
                 state: reply.into_value(),
-                sent: a.first_sent,
+                sent: a.last_sent,
                 how: if over.is_some() {
                     How::TookOver
                 } else {

@@ -15,6 +15,8 @@ pub(crate) struct Attempted<T> {
     pub(crate) ambiguous: bool,
     /// When the first attempt was sent.
     pub(crate) first_sent: Instant,
+    /// When the last attempt was sent: the one whose answer (or failure) `result` is.
+    pub(crate) last_sent: Instant,
 }
 
 /// Whether a 429 is retried like other transient failures.
@@ -44,6 +46,7 @@ impl Protocol {
         let mut delays = self.settings.retry.backoff().delays();
         let mut ambiguous = false;
         loop {
+            let last_sent = crate::clock::now();
             let result = match tokio::time::timeout(timeout, op()).await {
                 Ok(result) => result,
                 Err(_) => Err(BackendError::Transient {
@@ -59,6 +62,7 @@ impl Protocol {
                         result,
                         ambiguous,
                         first_sent,
+                        last_sent,
                     };
                 }
             };
@@ -73,6 +77,7 @@ impl Protocol {
                     result: Err(e),
                     ambiguous,
                     first_sent,
+                    last_sent,
                 };
             }
             tracing::debug!(target: "dimutex", error = %e, delay_ms = delay.as_millis() as u64, "transient failure; retrying");
