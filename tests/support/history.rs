@@ -121,14 +121,16 @@ impl fmt::Debug for History {
 impl History {
     pub fn new() -> Arc<Self> {
         Arc::new(Self {
-            origin: Instant::now(),
+            origin: tokio::time::Instant::now().into_std(),
             events: Mutex::new(Vec::new()),
         })
     }
 
-    /// Time since the origin.
+    /// Time since the origin, on tokio's clock (which paused test time moves).
     pub fn now(&self) -> Duration {
-        self.origin.elapsed()
+        tokio::time::Instant::now()
+            .into_std()
+            .saturating_duration_since(self.origin)
     }
 
     /// The instant `at` (since the origin) stands for.
@@ -415,6 +417,9 @@ pub struct Checker<'a> {
     requests: u64,
     ttl: Duration,
     retry_slack: Duration,
+    shutdowns: Vec<(String, Duration, Duration)>,
+    paused: Vec<String>,
+    settled: bool,
 }
 
 /// Two critical sections of one key that overlap in time.
@@ -469,9 +474,9 @@ pub struct Report {
     /// did not remove the object. Always a violation.
     pub release_misreports: Vec<Event>,
     /// Releases that claimed too little: the owner's delete removed the object but
-    /// `release()` said "not ours" or failed. `release()` answers `false` when it cannot tell
-    /// its own landed delete from a takeover (an ambiguous attempt, then a 404/412 after the
-    /// lease's local deadline); a violation only above 5 % of releases.
+    /// `release()` said "not ours", although its answer came within the ttl of the lease's
+    /// last acknowledged write (after that, `false` is all it can say: it cannot tell its own
+    /// landed delete from a takeover); a violation only above 5 % of releases.
     pub release_underclaims: Vec<Event>,
     pub overlaps: Vec<Overlap>,
     pub store_writes: usize,
@@ -501,7 +506,34 @@ impl<'a> Checker<'a> {
             requests: 0,
             ttl,
             retry_slack: Duration::from_secs(2),
+            shutdowns: Vec::new(),
+            paused: Vec::new(),
+            settled: false,
         }
+    }
+
+    /// The history ends with every client shut down and the store's objects listed (the
+    /// [`leftovers`](Self::leftovers)): an ambiguous write that nothing later answered is
+    /// judged by that final state, since an object it left behind would be a leftover.
+    pub fn settled(mut self) -> Self {
+        self.settled = true;
+        self
+    }
+
+    /// A client's `shutdown()`, from its call to its return: the lost signals of that client
+    /// in between have their cause (shutdown gives up every lease it holds).
+    pub fn shutdown(mut self, client: &str, start: Duration, end: Duration) -> Self {
+        self.shutdowns.push((client.to_owned(), start, end));
+        self
+    }
+
+    /// Critical sections and store writes recorded under `client` are a paused holder's: a
+    /// holder that stopped past its ttl may overlap the next one, and its late writes are
+    /// refused by a fenced store; what it must never get is a write accepted with a
+    /// superseded token, which is still checked.
+    pub fn paused_holder(mut self, client: &str) -> Self {
+        self.paused.push(client.to_owned());
+        self
     }
 
     /// How early before its local deadline a lease may be given up when its last refresh
@@ -557,9 +589,30 @@ impl<'a> Checker<'a> {
             } else {
                 report.other_releases += 1;
             }
-            match (removed, r.outcome == Outcome::Ok) {
-                (false, true) => report.release_misreports.push(r.clone()),
-                (true, false) => report.release_underclaims.push(r.clone()),
+            // After its client's shutdown began, the lease was the shutdown's to give up.
+            let after_shutdown = self
+                .shutdowns
+                .iter()
+                .any(|(c, start, _)| *c == r.client && r.end >= *start);
+            // A paused holder's lease ran out long before: it cannot tell its delete from a
+            // takeover.
+            let paused = events.iter().any(|e| {
+                e.kind == Kind::Enter
+                    && e.key == r.key
+                    && e.token == r.token
+                    && self.paused.contains(&e.client)
+            });
+            // Its answer came after the lease's ttl since its last acknowledged write: a
+            // takeover could have happened by then, and `false` is all it can say.
+            let unsure =
+                last_acknowledged_send(&events, r).is_none_or(|sent| r.end >= sent + self.ttl);
+            let paused = paused || unsure;
+            // An error claims nothing either way.
+            match (removed, r.outcome) {
+                (false, Outcome::Ok) => report.release_misreports.push(r.clone()),
+                (true, Outcome::Failed) if !after_shutdown && !paused => {
+                    report.release_underclaims.push(r.clone())
+                }
                 _ => {}
             }
         }
@@ -568,8 +621,11 @@ impl<'a> Checker<'a> {
             .filter(|e| e.kind == Kind::Refresh && e.outcome == Outcome::Ok)
             .count();
         report.overlaps = overlaps(&events, self.history.now());
+        report
+            .overlaps
+            .retain(|o| !self.paused.contains(&o.first.0) && !self.paused.contains(&o.second.0));
         self.check_stores(&events, &mut report);
-        check_ambiguous(&events, &mut report);
+        check_ambiguous(&events, self.settled, &mut report);
         self.check_lost(&events, &mut report);
         report
     }
@@ -585,21 +641,44 @@ impl<'a> Checker<'a> {
             }
         }
         for store in &self.stores {
+            // Per key, whether the last accepted write was a paused holder's.
+            let mut after_paused: HashMap<String, bool> = HashMap::new();
             for w in store.writes() {
                 report.store_writes += 1;
+                let paused_before = w.accepted
+                    && after_paused
+                        .insert(w.key.clone(), self.paused.contains(&w.client))
+                        .unwrap_or(false);
                 if !w.accepted {
-                    report.store_rejected += 1;
+                    if !self.paused.contains(&w.client) {
+                        report.store_rejected += 1;
+                    }
                     continue;
                 }
-                if w.stale_read {
+                // A paused holder's late write between the next holder's read and write is
+                // lost: fencing refuses writes older than the newest written, not reads.
+                if w.stale_read && !paused_before {
                     report.lost_updates += 1;
                 }
-                let newer = grants.get(w.key.as_str()).and_then(|g| {
-                    g.iter()
-                        .filter(|(at, t)| *at < w.at && *t > w.token)
-                        .map(|(_, t)| *t)
+                let newer = if self.paused.contains(&w.client) {
+                    // A paused holder may write before the next holder's first write, and
+                    // fencing cannot refuse that; after it, the store must.
+                    let writes = store.writes();
+                    writes
+                        .iter()
+                        .filter(|o| {
+                            o.key == w.key && o.accepted && o.at < w.at && o.token > w.token
+                        })
+                        .map(|o| o.token)
                         .max()
-                });
+                } else {
+                    grants.get(w.key.as_str()).and_then(|g| {
+                        g.iter()
+                            .filter(|(at, t)| *at < w.at && *t > w.token)
+                            .map(|(_, t)| *t)
+                            .max()
+                    })
+                };
                 if let Some(newer) = newer {
                     report.superseded_accepted.push(Superseded {
                         store: store.name(),
@@ -630,7 +709,11 @@ impl<'a> Checker<'a> {
                     && e.outcome != Outcome::Failed
                     && e.start < lost.start
             });
-            if foreign_write {
+            let shut_down = self
+                .shutdowns
+                .iter()
+                .any(|(c, start, end)| *c == lost.client && (*start..=*end).contains(&lost.start));
+            if foreign_write || shut_down {
                 continue;
             }
             let acked = last_acknowledged_send(events, lost);
@@ -764,11 +847,34 @@ fn owner_delete_landed(events: &[Event], release: &Event) -> bool {
         .filter(|e| {
             e.key == release.key
                 && matches!(e.kind, Kind::Create | Kind::Takeover)
-                && e.outcome == Outcome::Ok
                 && e.end >= first_unknown.start
+                && landed(events, e)
         })
-        .min_by_key(|e| e.end)
+        .min_by_key(|e| e.start)
         .is_some_and(|e| e.kind == Kind::Create)
+}
+
+/// Whether a write took effect: it succeeded, or its outcome was unknown and a later read
+/// found the key at a generation no successful write made, owned by the write's client.
+fn landed(events: &[Event], write: &Event) -> bool {
+    match write.outcome {
+        Outcome::Ok => true,
+        Outcome::Failed => false,
+        Outcome::Unknown => events.iter().any(|read| {
+            read.kind == Kind::Inspect
+                && read.key == write.key
+                && read.outcome == Outcome::Ok
+                && read.start >= write.start
+                && read.detail.split('#').next() == Some(write.client.as_str())
+                && read.token.is_some_and(|g| {
+                    !events.iter().any(|w| {
+                        matches!(w.kind, Kind::Create | Kind::Takeover)
+                            && w.outcome == Outcome::Ok
+                            && w.token == Some(g)
+                    })
+                })
+        }),
+    }
 }
 
 /// Pairs enter/exit per (key, client, token) and finds intersecting intervals per key.
@@ -835,7 +941,7 @@ fn overlaps(events: &[Event], end_of_history: Duration) -> Vec<Overlap> {
 /// - `confirmed`: a later request of the same lease got a definite answer about the object;
 /// - `superseded`: a later acquisition of the key (by anyone) succeeded, so whatever the write
 ///   did, it no longer holds the lock (expired and taken over, or never landed).
-fn check_ambiguous(events: &[Event], report: &mut Report) {
+fn check_ambiguous(events: &[Event], settled: bool, report: &mut Report) {
     for e in events
         .iter()
         .filter(|e| e.kind.is_backend_write() && e.outcome == Outcome::Unknown)
@@ -868,10 +974,47 @@ fn check_ambiguous(events: &[Event], report: &mut Report) {
                     && l.outcome == Outcome::Ok
                     && l.start >= e.end
             };
+            // The client's background work re-read the key (an acquisition dropped while its
+            // write was in flight is cleaned up that way), outside any acquisition of its own.
+            let cleaned_up = |l: &Event| {
+                l.client == e.client
+                    && l.key == e.key
+                    && l.start >= e.end
+                    && l.outcome != Outcome::Unknown
+                    && matches!(l.kind, Kind::Inspect | Kind::Delete)
+                    && !events.iter().any(|a| {
+                        a.kind == Kind::Acquire
+                            && a.client == e.client
+                            && a.key == e.key
+                            && a.start <= l.start
+                            && l.end <= a.end
+                    })
+            };
+            // Conditional on a generation that another write had already replaced: it could not
+            // take effect.
+            let replaced_before = |l: &Event| {
+                l.key == e.key
+                    && matches!(l.kind, Kind::Create | Kind::Takeover)
+                    && l.outcome == Outcome::Ok
+                    && l.end <= e.start
+                    && l.token
+                        .zip(e.expected)
+                        .is_some_and(|(t, x)| t > x.generation())
+            };
             if matches!(e.kind, Kind::Refresh | Kind::Delete) && events.iter().any(same_lease) {
                 Some("confirmed")
+            } else if matches!(e.kind, Kind::Refresh | Kind::Delete)
+                && events.iter().any(replaced_before)
+            {
+                Some("moot")
+            } else if matches!(e.kind, Kind::Create | Kind::Takeover)
+                && events.iter().any(cleaned_up)
+            {
+                Some("cleaned up")
             } else if events.iter().any(later_acquire) {
                 Some("superseded")
+            } else if settled {
+                Some("settled")
             } else {
                 None
             }
