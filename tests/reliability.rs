@@ -190,6 +190,7 @@ fn checker_reports_a_synthetic_overlap_and_the_rest() {
         updated: None,
         server_date: None,
         detail: String::new(),
+        owner: String::new(),
     };
     // a holds token 1 over [10, 50]; b acquires token 2 at 30 and enters: overlap.
     h.push(ev(at(0), at(10), Kind::Acquire, "a", Some(1), Outcome::Ok));

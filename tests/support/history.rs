@@ -102,6 +102,8 @@ pub struct Event {
     /// The response's `Date` (server clock).
     pub server_date: Option<SystemTime>,
     pub detail: String,
+    /// The owner id a create or takeover wrote; empty for other events.
+    pub owner: String,
 }
 
 /// The recorder: append-only, shared by every client of a run.
@@ -163,6 +165,7 @@ impl History {
             updated: None,
             server_date: None,
             detail: detail.into(),
+            owner: String::new(),
         });
     }
 
@@ -182,6 +185,7 @@ impl History {
             updated: None,
             server_date: None,
             detail: String::new(),
+            owner: String::new(),
         });
     }
 
@@ -259,6 +263,7 @@ impl Recording {
                 updated: None,
                 server_date: None,
                 detail: "cancelled (client timeout)".into(),
+                owner: String::new(),
             }),
         }
     }
@@ -272,6 +277,14 @@ struct Pending {
 }
 
 impl Pending {
+    /// Notes the owner id a create or takeover writes.
+    fn writing(mut self, metadata: &Metadata) -> Self {
+        if let Some(event) = &mut self.event {
+            event.owner = metadata.get("owner").cloned().unwrap_or_default();
+        }
+        self
+    }
+
     fn finish<T>(
         mut self,
         result: &Result<Reply<T>, BackendError>,
@@ -343,7 +356,7 @@ impl Backend for Recording {
         name: &'a str,
         metadata: &'a Metadata,
     ) -> BoxFuture<'a, Result<Reply<ObjectState>, BackendError>> {
-        let pending = self.pending(Kind::Create, name, None);
+        let pending = self.pending(Kind::Create, name, None).writing(metadata);
         Box::pin(async move {
             let r = self.inner.create(name, metadata).await;
             pending.finish(&r, written);
@@ -369,7 +382,9 @@ impl Backend for Recording {
         expected: Version,
         metadata: &'a Metadata,
     ) -> BoxFuture<'a, Result<Reply<ObjectState>, BackendError>> {
-        let pending = self.pending(Kind::Takeover, name, Some(expected));
+        let pending = self
+            .pending(Kind::Takeover, name, Some(expected))
+            .writing(metadata);
         Box::pin(async move {
             let r = self.inner.takeover(name, expected, metadata).await;
             pending.finish(&r, written);

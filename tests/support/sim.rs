@@ -408,7 +408,7 @@ impl World {
             let identity = owner.split('#').next().unwrap_or_default();
             let key = name.strip_prefix(PREFIX).unwrap_or(&name);
             let shutdown_failed = shutdowns.iter().any(|s| !s.ok && s.client == identity);
-            if !shutdown_failed && !gave_up(&events, identity, key, generation) {
+            if !shutdown_failed && !gave_up(&events, identity, &owner, key, generation) {
                 leftovers.push(format!("{name} (owner {identity})"));
             }
         }
@@ -447,13 +447,18 @@ impl World {
     }
 }
 
-/// Whether `client` gave its object of `key` (at `generation`) up to expiry, as the library
-/// does when the backend stays unreachable past the retry budget: the last refresh or delete
-/// of that generation failed transiently (no reply, or a 429 or 5xx); or, for an object no
-/// such request concerns (a write whose reply never came), a request of the client's
-/// background work (the clean-up that follows an acquisition ending without the lock) failed
-/// without a reply. A request of an acquisition does not count: its clean-up must follow.
-fn gave_up(events: &[Event], client: &str, key: &str, generation: i64) -> bool {
+/// Whether `client` gave its object of `key` (written by `owner`, at `generation`) up to
+/// expiry, as the library does when the backend stays unreachable past the retry budget:
+/// - the last refresh or delete of that generation failed transiently (no reply, a 429 or a
+///   5xx), or met a 412 and the read that follows a 412 got no reply;
+/// - or, for an object no such request concerns (a write whose reply never came), the
+///   clean-up that follows the acquisition that wrote it (`owner`'s writes) read without a
+///   reply: an Inspect of `key` by `client` without an answer, after the write and at most
+///   [`CLEAN_UP`] after that acquisition's end. (The history does not say which acquisition
+///   or clean-up sent a read, so a read of the acquisition itself may excuse it too; with the
+///   clean-up of a dropped acquisition removed, the CI block still fails, see issue 18's
+///   note.) An acquisition that was dropped or failed is not excused otherwise.
+fn gave_up(events: &[Event], client: &str, owner: &str, key: &str, generation: i64) -> bool {
     let mine = |e: &&Event| e.client == client && e.key == key;
     if let Some(last) = events
         .iter()
@@ -461,21 +466,48 @@ fn gave_up(events: &[Event], client: &str, key: &str, generation: i64) -> bool {
         .filter(|e| matches!(e.kind, Kind::Refresh | Kind::Delete) && e.token == Some(generation))
         .max_by_key(|e| e.end)
     {
+        if last.outcome == Outcome::Failed && last.detail.contains("precondition") {
+            // A 412 is read before it is believed: given up if that read got no reply.
+            return events
+                .iter()
+                .filter(mine)
+                .filter(|e| e.kind == Kind::Inspect && e.start >= last.end)
+                .min_by_key(|e| e.start)
+                .is_some_and(|read| read.outcome == Outcome::Unknown);
+        }
         return last.outcome == Outcome::Unknown
             || (last.outcome == Outcome::Failed && last.detail.starts_with("transient"));
     }
-    events
+    let Some(write) = events
         .iter()
         .filter(mine)
-        .filter(|e| e.kind.is_backend() && e.outcome == Outcome::Unknown)
-        .any(|e| {
-            let within = events
-                .iter()
-                .filter(mine)
-                .find(|a| a.kind == Kind::Acquire && a.start <= e.start && e.end <= a.end);
-            within.is_none()
-        })
+        .filter(|e| e.kind.is_backend_write() && e.owner == owner)
+        .min_by_key(|e| e.start)
+    else {
+        return false;
+    };
+    // The acquisition that wrote it: of those that span the write, the last to end (an
+    // acquisition queued behind it may span it too, and ends later only by waiting). A
+    // request through the layer that never reached its handler has no acquisition event: its
+    // clean-up follows the write.
+    let ended = events
+        .iter()
+        .filter(mine)
+        .filter(|a| a.kind == Kind::Acquire && a.start <= write.start && write.end <= a.end)
+        .map(|a| a.end)
+        .max()
+        .unwrap_or(write.end);
+    events.iter().filter(mine).any(|e| {
+        e.kind == Kind::Inspect
+            && e.outcome == Outcome::Unknown
+            && e.start >= write.end
+            && e.start <= ended + CLEAN_UP
+    })
 }
+
+/// How long a clean-up may take with the default settings: two reads and a delete, each
+/// retried for 5 s with 5 s per request, and 5 s between the reads.
+const CLEAN_UP: Duration = Duration::from_secs(35);
 
 /// A critical section: entered when made, left when dropped (so that a handler dropped with
 /// its request leaves it at that moment).
