@@ -769,7 +769,7 @@ impl<'a> Checker<'a> {
 }
 
 /// The send time of the last write of `lost`'s lease acknowledged before `lost`, as the library
-/// counts it: the first attempt of the request series that succeeded.
+/// counts it: the attempt of a create or takeover that succeeded, then refreshes.
 fn last_acknowledged_send(events: &[Event], lost: &Event) -> Option<Duration> {
     let token = lost.token?;
     let mine = |e: &&Event| e.key == lost.key && e.client == lost.client && e.start < lost.start;
@@ -777,8 +777,9 @@ fn last_acknowledged_send(events: &[Event], lost: &Event) -> Option<Duration> {
         .iter()
         .filter(mine)
         .rfind(|e| e.kind == Kind::Acquire && e.token == Some(token))?;
-    // The acquisition: the first attempt of the create or takeover series that succeeded; for
-    // an adopted write (no attempt succeeded visibly), the first write of the acquisition.
+    // The acquisition: the attempt of the create or takeover that succeeded (any earlier one
+    // that landed would have made it fail); for an adopted write (no attempt succeeded
+    // visibly), the first write of the acquisition.
     let inside: Vec<&Event> = events
         .iter()
         .filter(mine)
@@ -792,12 +793,7 @@ fn last_acknowledged_send(events: &[Event], lost: &Event) -> Option<Duration> {
         .iter()
         .rposition(|e| e.kind != Kind::Inspect && e.outcome == Outcome::Ok)
     {
-        Some(mut i) => {
-            while i > 0 && inside[i - 1].kind == inside[i].kind {
-                i -= 1;
-            }
-            inside[i].start
-        }
+        Some(i) => inside[i].start,
         None => inside
             .iter()
             .find(|e| e.kind != Kind::Inspect)
