@@ -104,30 +104,6 @@ async fn acquire(
     }
 }
 
-/// Releases and records: `ok` when the lock was still ours, `failed` when it was not, `unknown`
-/// when the release failed (expiry frees the lock then).
-async fn release(h: &History, guard: LockGuard, id: &str) -> Result<bool, dimutex::Error> {
-    let start = h.now();
-    let key = guard.key().as_str().to_owned();
-    let token = guard.token().get();
-    let result = guard.release().await;
-    let outcome = match &result {
-        Ok(true) => Outcome::Ok,
-        Ok(false) => Outcome::Failed,
-        Err(_) => Outcome::Unknown,
-    };
-    h.complete(
-        start,
-        Kind::Release,
-        &key,
-        id,
-        Some(token),
-        outcome,
-        format!("{result:?}"),
-    );
-    result
-}
-
 fn objects(fake: &FakeGcs, prefix: &str) -> Vec<String> {
     fake.object_names(FakeGcs::DEFAULT_BUCKET)
         .into_iter()
@@ -159,7 +135,7 @@ async fn sweep(h: &Arc<History>, fake: &FakeGcs, prefix: &str, keys: &[&str]) ->
         .unwrap();
     for key in keys {
         if let Some(guard) = acquire(h, &sweeper, "sweeper", key, None).await {
-            let _ = release(h, guard, "sweeper").await;
+            let _ = h.release(guard, "sweeper").await;
         }
     }
     sweeper.shutdown(Duration::from_secs(5)).await.unwrap();
@@ -343,7 +319,7 @@ async fn t3_cycle(
         store.increment(key, id, token, ms(5)).await;
     }
     h.point(Kind::Exit, key, id, Some(token));
-    let _ = release(h, guard, id).await;
+    let _ = h.release(guard, id).await;
     true
 }
 
@@ -589,7 +565,7 @@ async fn landed_refreshes_with_lost_answers_are_not_lost_leases() {
         h.point(Kind::Lost, "k", "holder", Some(token));
     }
     h.point(Kind::Exit, "k", "holder", Some(token));
-    let _ = release(&h, guard, "holder").await;
+    let _ = h.release(guard, "holder").await;
     let report = Checker::new(&h, ttl)
         .leftovers(objects(&fake, prefix))
         .faults(fake.faults_injected())
@@ -627,7 +603,7 @@ async fn release_whose_delete_landed_before_a_new_holder_reports_ours() {
     );
     let releasing = tokio::spawn({
         let h = h.clone();
-        async move { release(&h, guard, "a").await }
+        async move { h.release(guard, "a").await }
     });
     // The delete landed at once; the retry waits for the backoff (at least 100 ms).
     let mut next = None;
@@ -640,7 +616,7 @@ async fn release_whose_delete_landed_before_a_new_holder_reports_ours() {
     }
     let next = next.expect("b takes the lock once a's delete has landed");
     let reported = releasing.await.unwrap();
-    let _ = release(&h, next, "b").await;
+    let _ = h.release(next, "b").await;
     let report = Checker::new(&h, Duration::from_secs(30))
         .leftovers(objects(&fake, prefix))
         .check();
@@ -726,7 +702,7 @@ async fn paused_holder(
     assert!(token_b > token, "tokens increase: {token} then {token_b}");
     assert!(store.increment(key, &contender_id, token_b, ms(0)).await);
     h.point(Kind::Exit, key, &contender_id, Some(token_b));
-    assert!(release(h, guard_b, &contender_id).await.unwrap());
+    assert!(h.release(guard_b, &contender_id).await.unwrap());
     proxy.resume();
 
     // On resume: the lost signal has fired before the holder writes anything.
@@ -742,7 +718,7 @@ async fn paused_holder(
         value = store.read(key);
     }
     h.point(Kind::Exit, key, &holder_id, Some(token));
-    let still_ours = release(h, guard, &holder_id).await.unwrap();
+    let still_ours = h.release(guard, &holder_id).await.unwrap();
     assert!(
         !still_ours,
         "the paused holder's release must find the lock not its own"
@@ -799,7 +775,7 @@ async fn briefly_paused_holder(h: &Arc<History>, fake: &FakeGcs, store: &Resourc
         "and its write is accepted"
     );
     h.point(Kind::Exit, key, id, Some(token));
-    assert!(release(h, guard, id).await.unwrap());
+    assert!(h.release(guard, id).await.unwrap());
     holder.shutdown(Duration::from_secs(5)).await.unwrap();
     other.shutdown(Duration::from_secs(5)).await.unwrap();
 }
@@ -969,7 +945,7 @@ async fn t7_one(h: Arc<History>, endpoint: String, store: Arc<Resource>, offset:
                     h.point(Kind::Enter, &key, &id, Some(token));
                     assert!(store.increment(&key, &id, token, ms(5)).await);
                     h.point(Kind::Exit, &key, &id, Some(token));
-                    assert!(release(&h, guard, &id).await.unwrap());
+                    assert!(h.release(guard, &id).await.unwrap());
                     return;
                 }
                 tokio::time::sleep(ms(100)).await;
@@ -1114,7 +1090,7 @@ async fn t8_sixteen_contenders_under_the_throttle_poll_with_get() {
                 h.point(Kind::Enter, key, &id, Some(token));
                 store.increment(key, &id, token, ms(50)).await;
                 h.point(Kind::Exit, key, &id, Some(token));
-                let _ = release(&h, guard, &id).await;
+                let _ = h.release(guard, &id).await;
             }
             client.shutdown(Duration::from_secs(10)).await.unwrap();
             held
@@ -1294,7 +1270,7 @@ async fn backend_outage_holder_loses_layer_answers_503_then_recovers() {
     tokio::time::sleep_until(tokio::time::Instant::from_std(h.instant(paused + outage))).await;
     proxy.resume();
     let resumed = h.now();
-    let holder_release = release(&h, guard, "holder").await;
+    let holder_release = h.release(guard, "holder").await;
     let answers = requests.await.unwrap();
     holder.shutdown(Duration::from_secs(5)).await.unwrap();
     layer_client.shutdown(Duration::from_secs(5)).await.unwrap();

@@ -169,6 +169,27 @@ impl History {
         });
     }
 
+    /// Releases `guard` and records it: `ok` when the lock was still ours, `failed` when it
+    /// was not, `unknown` when the release failed (expiry frees the lock then).
+    pub async fn release(
+        &self,
+        guard: dimutex::LockGuard,
+        id: &str,
+    ) -> Result<bool, dimutex::Error> {
+        let start = self.now();
+        let key = guard.key().as_str().to_owned();
+        let token = guard.token().get();
+        let result = guard.release().await;
+        let outcome = match &result {
+            Ok(true) => Outcome::Ok,
+            Ok(false) => Outcome::Failed,
+            Err(_) => Outcome::Unknown,
+        };
+        let detail = format!("{result:?}");
+        self.complete(start, Kind::Release, &key, id, Some(token), outcome, detail);
+        result
+    }
+
     /// Records an instantaneous event (enter, exit, lost) now.
     pub fn point(&self, kind: Kind, key: &str, client: &str, token: Option<i64>) {
         let mut events = self.lock();

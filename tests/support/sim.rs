@@ -283,18 +283,7 @@ impl World {
     }
 
     async fn release(&self, guard: LockGuard, id: &str) {
-        let start = self.history.now();
-        let key = guard.key().as_str().to_owned();
-        let token = guard.token().get();
-        let result = guard.release().await;
-        let outcome = match &result {
-            Ok(true) => Outcome::Ok,
-            Ok(false) => Outcome::Failed,
-            Err(_) => Outcome::Unknown,
-        };
-        let detail = format!("{result:?}");
-        self.history
-            .complete(start, Kind::Release, &key, id, Some(token), outcome, detail);
+        let _ = self.history.release(guard, id).await;
     }
 
     /// The critical section of a well-behaved holder: it increments the fenced counter, keeps
