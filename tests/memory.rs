@@ -349,12 +349,14 @@ async fn leases_taken_in_bursts_are_all_refreshed() {
     assert_eq!(backend.object_count(), 0);
 }
 
-/// The in-memory backend with scripted misbehaviour: slow refreshes and releases, and
-/// optionally a first delete that takes effect but whose answer is lost (a 503 after
+/// The in-memory backend with scripted misbehaviour: slow refreshes and releases, creates
+/// refused (503) until `creates_fail_until` (tokio's clock, an outage), and optionally a
+/// first delete that takes effect but whose answer is lost (a 503 after
 /// `lose_first_release_answer_after`).
 #[derive(Debug, Default)]
 struct Scripted {
     inner: MemoryBackend,
+    creates_fail_until: Option<tokio::time::Instant>,
     refresh_delay: std::time::Duration,
     release_delay: std::time::Duration,
     refreshes_started: Arc<std::sync::atomic::AtomicUsize>,
@@ -364,7 +366,19 @@ struct Scripted {
 
 impl Backend for Scripted {
     fn create<'a>(&'a self, name: &'a str, metadata: &'a Metadata) -> Written<'a> {
-        self.inner.create(name, metadata)
+        Box::pin(async move {
+            if self
+                .creates_fail_until
+                .is_some_and(|until| tokio::time::Instant::now() < until)
+            {
+                return Err(BackendError::Transient {
+                    status: Some(503),
+                    retry_after: None,
+                    message: "outage".into(),
+                });
+            }
+            self.inner.create(name, metadata).await
+        })
     }
 
     fn inspect<'a>(
@@ -906,61 +920,6 @@ async fn records_round_trip() {
     scenarios::records_round_trip(&env(&backend, "records")).await;
 }
 
-/// Every create fails with a 503 until `until` (tokio's clock), as in a backend outage.
-#[derive(Debug, Clone)]
-struct CreateOutage {
-    inner: MemoryBackend,
-    until: tokio::time::Instant,
-}
-
-impl Backend for CreateOutage {
-    fn create<'a>(&'a self, name: &'a str, metadata: &'a Metadata) -> Written<'a> {
-        Box::pin(async move {
-            if tokio::time::Instant::now() < self.until {
-                return Err(BackendError::Transient {
-                    status: Some(503),
-                    retry_after: None,
-                    message: "outage".into(),
-                });
-            }
-            self.inner.create(name, metadata).await
-        })
-    }
-
-    fn inspect<'a>(
-        &'a self,
-        name: &'a str,
-    ) -> BoxFuture<'a, Result<Reply<Option<ObjectState>>, BackendError>> {
-        self.inner.inspect(name)
-    }
-
-    fn takeover<'a>(
-        &'a self,
-        name: &'a str,
-        expected: Version,
-        metadata: &'a Metadata,
-    ) -> Written<'a> {
-        self.inner.takeover(name, expected, metadata)
-    }
-
-    fn refresh<'a>(
-        &'a self,
-        name: &'a str,
-        expected: Version,
-        metadata: &'a Metadata,
-    ) -> Written<'a> {
-        self.inner.refresh(name, expected, metadata)
-    }
-
-    fn release<'a>(
-        &'a self,
-        name: &'a str,
-        expected: Version,
-    ) -> BoxFuture<'a, Result<Reply<()>, BackendError>> {
-        self.inner.release(name, expected)
-    }
-}
-
 /// Found by the simulation (issue 18, seed 348): an acquisition whose create was retried
 /// through an outage longer than the ttl timed its lease from the first attempt, so the lock
 /// it got was lost at once and wrote an `expires` already past. The lease is timed from the
@@ -973,9 +932,10 @@ async fn a_create_retried_through_an_outage_is_timed_from_the_attempt_that_made_
     let start = tokio::time::Instant::now();
     // The client's wall clock moves with the paused time, as the memory store's clock does.
     let wall_start = SystemTime::now();
-    let client = dimutex::Client::builder(CreateOutage {
+    let client = dimutex::Client::builder(Scripted {
         inner: memory.clone(),
-        until: start + outage,
+        creates_fail_until: Some(start + outage),
+        ..Scripted::default()
     })
     .wall_clock(move || wall_start + start.elapsed())
     .build()
